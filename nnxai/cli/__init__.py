@@ -1,0 +1,37 @@
+"""The `nnxai` command line: thin click wrappers that parse options and call library functions."""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from nnxai import __version__
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use, so heavy modules load only when needed."""
+
+    def __init__(self, *args, lazy_commands: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy_commands))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy_commands:
+            module_name, attribute = self.lazy_commands[name].split(":")
+            return getattr(importlib.import_module(module_name), attribute)
+        return super().get_command(ctx, name)
+
+
+COMMANDS = {
+    "convert": "nnxai.cli.convert:convert",
+    "trainers-path": "nnxai.cli.trainers:trainers_path",
+}
+
+
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nnxai")
+def main() -> None:
+    """Explain nnU-Net v2 lesion segmentations lesion by lesion."""
