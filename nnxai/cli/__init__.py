@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
@@ -27,7 +28,10 @@ class LazyGroup(click.Group):
 
 COMMANDS = {
     "convert": "nnxai.cli.convert:convert",
+    "explain": "nnxai.cli.explain:explain",
     "trainers-path": "nnxai.cli.trainers:trainers_path",
+    "evaluate": "nnxai.cli.evaluate:evaluate",
+    "compare": "nnxai.cli.evaluate:compare",
 }
 
 
@@ -35,3 +39,8 @@ COMMANDS = {
 @click.version_option(__version__, prog_name="nnxai")
 def main() -> None:
     """Explain nnU-Net v2 lesion segmentations lesion by lesion."""
+
+
+def explain_main() -> None:
+    """Entry point of `nnUNetv2_explain` (the same command as `nnxai explain`)."""
+    main(["explain", *sys.argv[1:]])

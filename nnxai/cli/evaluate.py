@@ -1,0 +1,106 @@
+"""`nnxai evaluate` and `nnxai compare`: lesion-wise metrics of prediction folders against ground truth."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from nnxai.evaluation import (CasePairing, EvaluationInputError, InstanceOptions, evaluate_folders,
+                              write_evaluation)
+from nnxai.instances import CONNECTIVITIES, MATCHING_RULES
+
+existing_folder = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+def instance_options(command):
+    """The instance and matching options shared by `evaluate` and `compare` (same meaning as in `explain`)."""
+    options = [
+        click.option("--connectivity", type=click.Choice([str(c) for c in CONNECTIVITIES]), default="18",
+                     show_default=True, help="Voxel connectivity of connected components."),
+        click.option("--min-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Drop predicted components with fewer voxels (the study: 6)."),
+        click.option("--rule", type=click.Choice(MATCHING_RULES), default="any", show_default=True,
+                     help="Matching: any overlap (the study) or IoU >= --iou-threshold (Shifts)."),
+        click.option("--iou-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.25,
+                     show_default=True, help="IoU needed for a match with --rule iou."),
+        click.option("--file-ending", default=None,
+                     help="File ending of the masks [default: from dataset.json, else .nii.gz]."),
+        click.option("--only-common", is_flag=True,
+                     help="Evaluate the cases present in all folders; report (not fail on) the others."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def build_options(connectivity: str, min_size: int, rule: str, iou_threshold: float) -> InstanceOptions:
+    return InstanceOptions(int(connectivity), min_size, rule, iou_threshold)
+
+
+def report_pairing(pairing: CasePairing, label: str) -> None:
+    """Tell the user which cases --only-common left out."""
+    if pairing.mismatch_message():
+        click.echo(f"Warning: {label}: not evaluated: {pairing.mismatch_message()}", err=True)
+
+
+@contextmanager
+def input_errors() -> Iterator[None]:
+    """Turn bad-input errors into a click error: one line per problem, non-zero exit."""
+    try:
+        yield
+    except EvaluationInputError as error:
+        raise click.ClickException("\n".join(error.problems)) from error
+
+
+@click.command("evaluate")
+@click.argument("gt_dir", type=existing_folder)
+@click.argument("pred_dir", type=existing_folder)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Per-case CSV; the overall table goes to <name>_overall.csv beside it.")
+@instance_options
+def evaluate(gt_dir: Path, pred_dir: Path, output: Path | None, connectivity: str, min_size: int, rule: str,
+             iou_threshold: float, file_ending: str | None, only_common: bool) -> None:
+    """Voxel Dice, nDSC and lesion-wise TP/FP/FN, TPR, FDR, FNR, PPV, F1 of PRED_DIR against GT_DIR.
+
+    Overall values are given both as the mean over cases and pooled (from counts summed over cases).
+    """
+    with input_errors():
+        evaluation = evaluate_folders(gt_dir, pred_dir, build_options(connectivity, min_size, rule, iou_threshold),
+                                      only_common, file_ending, progress=True)
+    report_pairing(evaluation.pairing, str(pred_dir))
+    click.echo(f"{len(evaluation.per_case)} cases")
+    click.echo(evaluation.overall.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if output:
+        summary_path = write_evaluation(evaluation, output)
+        click.echo(f"Wrote {output} and {summary_path}")
+
+
+@click.command("compare")
+@click.option("--gt", "gt_dir", type=existing_folder, required=True, help="Folder of ground-truth masks.")
+@click.argument("entries", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder for metrics.csv, differences.csv, per_case.csv, comparison.md and .png.")
+@click.option("--bootstrap", "n_bootstrap", type=click.IntRange(min=100), default=2000, show_default=True,
+              help="Bootstrap replicates (cases resampled with replacement) for the 95% CIs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
+@instance_options
+def compare(gt_dir: Path, entries: tuple[str, ...], output: Path, n_bootstrap: int, seed: int, connectivity: str,
+            min_size: int, rule: str, iou_threshold: float, file_ending: str | None, only_common: bool) -> None:
+    """Compare prediction folders, given as NAME=PRED_DIR, against GT; the first entry is the baseline.
+
+    Writes each metric with its 95% bootstrap CI side by side, and per-case differences against the
+    baseline with their CI and Wilcoxon signed-rank p.
+    """
+    from nnxai.comparison import compare_entries, parse_entry, write_comparison  # scipy + matplotlib: load on use
+
+    with input_errors():
+        parsed = [parse_entry(text) for text in entries]
+        comparison = compare_entries(gt_dir, parsed, build_options(connectivity, min_size, rule, iou_threshold),
+                                     n_bootstrap, seed, only_common, file_ending, progress=True)
+        for name, pairing in comparison.pairings.items():
+            report_pairing(pairing, name)
+        written = write_comparison(comparison, output)
+    click.echo(comparison.markdown)
+    click.echo("Wrote " + ", ".join(str(p) for p in written))
