@@ -58,7 +58,8 @@ def bootstrap_indices(n_cases: int, n_bootstrap: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n_cases, size=(n_bootstrap, n_cases))
 
 
-def statistic_replicates(per_case: pd.DataFrame, indices: np.ndarray) -> dict[tuple[str, str], tuple[float, np.ndarray]]:
+def statistic_replicates(per_case: pd.DataFrame,
+                         indices: np.ndarray) -> dict[tuple[str, str], tuple[float, np.ndarray]]:
     """(metric, aggregate) -> (value on all cases, bootstrap replicates) for every compared metric."""
     all_cases = np.arange(len(per_case))[None]
     summed = {c: per_case[c].to_numpy(dtype=float)[np.concatenate([all_cases, indices])].sum(axis=1)

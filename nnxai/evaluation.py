@@ -91,7 +91,7 @@ def metrics_from_counts(counts: Mapping[str, np.ndarray | float]) -> dict[str, n
 
 
 def case_counts(pred: np.ndarray, gt: np.ndarray, options: InstanceOptions = InstanceOptions()) -> dict[str, int]:
-    """Voxel and lesion counts of one case; `min_size` post-processes the prediction for both."""
+    """Voxel and lesion counts of one case, after dropping predicted components below `min_size`."""
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from ground truth shape {gt.shape}")
     pred_labels = label_components(pred, options.connectivity, options.min_size)

@@ -103,7 +103,8 @@ def test_file_ending_comes_from_dataset_json(tmp_path):
 
 def test_case_in_one_folder_only_is_an_error_unless_only_common(tmp_path):
     gt_dir, pred_dir = make_folders(tmp_path, {"a": LESION, "b": LESION}, {"a": LESION, "c": LESION})
-    with pytest.raises(EvaluationInputError, match=r"1 case\(s\) only in ground truth: b; 1 case\(s\) only in predictions: c"):
+    expected = r"1 case\(s\) only in ground truth: b; 1 case\(s\) only in predictions: c"
+    with pytest.raises(EvaluationInputError, match=expected):
         evaluate_folders(gt_dir, pred_dir)
     evaluation = evaluate_folders(gt_dir, pred_dir, only_common=True)
     assert evaluation.per_case["case"].tolist() == ["a"]

@@ -87,7 +87,8 @@ def test_case_instances_orders_predictions_then_missed_lesions():
     gt = volume(np.s_[0:2, 0:2, 0:2], np.s_[6:8, 6:8, 6:8])
     pred = volume(np.s_[0:2, 0:2, 0:1], np.s_[0:1, 6:9, 0:1], np.s_[9:10, 9:10, 9:10])
     instances = case_instances(pred, gt, min_size=2)
-    assert [(i.instance_id, i.group, int(i.mask.sum())) for i in instances] == [(1, "TP", 4), (2, "FP", 3), (3, "FN", 8)]
+    summary = [(i.instance_id, i.group, int(i.mask.sum())) for i in instances]
+    assert summary == [(1, "TP", 4), (2, "FP", 3), (3, "FN", 8)]
     assert instances[2].mask[6:8, 6:8, 6:8].all()
     assert all(i.mask.dtype == bool and i.mask.shape == gt.shape for i in instances)
 
