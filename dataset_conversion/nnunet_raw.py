@@ -46,7 +46,7 @@ def resolve_raw_root(explicit: Path | None) -> Path:
     raise ConversionError("no output folder: pass --raw-root or set the nnUNet_raw environment variable")
 
 
-def _resolve_preprocessed_root(explicit: Path | None) -> Path:
+def resolve_preprocessed_root(explicit: Path | None) -> Path:
     if explicit is not None:
         return Path(explicit)
     if os.environ.get("nnUNet_preprocessed"):
@@ -142,7 +142,7 @@ def write_splits(dataset_name: str, splits: list[dict[str, list[str]]], preproce
     for fold, split in enumerate(splits):
         if set(split) != {"train", "val"}:
             raise ValueError(f"fold {fold} of the splits must have exactly the keys 'train' and 'val'")
-    folder = _resolve_preprocessed_root(preprocessed_root) / dataset_name
+    folder = resolve_preprocessed_root(preprocessed_root) / dataset_name
     path = folder / "splits_final.json"
     try:
         folder.mkdir(parents=True, exist_ok=True)
