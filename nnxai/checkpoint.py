@@ -21,19 +21,11 @@ import torch
 # Keys `nnUNetPredictor.initialize_from_trained_model_folder` reads; `inference_allowed_mirroring_axes`
 # is optional there (older checkpoints lack it), so it is not required here either.
 REQUIRED_KEYS = ("network_weights", "init_args", "trainer_name")
-
-
-TRUST_FLAG = "--trust-checkpoint"
+TRUST_FLAG = "--trust-checkpoint"  # the CLI flag that sets trust=True
 
 
 class CheckpointError(click.ClickException):
     """A checkpoint that cannot be loaded safely or is not an nnU-Net checkpoint (one-line message)."""
-
-
-trust_checkpoint_option = click.option(
-    TRUST_FLAG, "trust_checkpoint", is_flag=True,
-    help="Fully unpickle model checkpoints that hold types beyond those nnU-Net writes. Unpickling can "
-         "run code stored in the file: use only for checkpoints from a source you trust.")
 
 
 def _numpy_scalar_constructor():

@@ -257,16 +257,14 @@ def test_truncated_checkpoint(tmp_path, trained):
         load_checkpoint(path)
 
 
-def test_trust_flag_on_a_command(tmp_path):
-    """Commands use `trust_checkpoint_option`: refusal is a one-line `Error:` and exit 1; the flag loads."""
+def test_refusal_is_a_one_line_cli_error(tmp_path):
+    """In a click command a refusal prints `Error: <message>` on one line and exits 1."""
     import click
     from click.testing import CliRunner
 
-    from nnxai.checkpoint import trust_checkpoint_option
-
     @click.command()
     @click.argument("checkpoint")
-    @trust_checkpoint_option
+    @click.option("--trust-checkpoint", is_flag=True)
     def show(checkpoint: str, trust_checkpoint: bool) -> None:
         click.echo(load_checkpoint(checkpoint, trust=trust_checkpoint)["trainer_name"])
 
