@@ -187,7 +187,8 @@ def _lesion_blob_box(shape: Sequence[int], center: Sequence[float], radius_mm: f
     if np.any(nearest < 0) or np.any(nearest >= shape):
         raise ValueError(f"lesion centre {tuple(center)} lies outside the volume of shape {tuple(shape)}")
     ratios = np.array([1.0, rng.uniform(0.6, 1.0), rng.uniform(0.45, 1.0)])
-    semi_axes = radius_mm * ratios / np.cbrt(ratios.prod())
+    # E[(1 + a n)^3] = 1 + 3 a^2 for standard normal n: shrink so the expected volume stays that of the sphere
+    semi_axes = radius_mm * ratios / np.cbrt(ratios.prod() * (1 + 3 * irregularity**2))
     rotation = _random_rotation(rng)
     reach = semi_axes.max() * (1 + 2 * irregularity) / spacing + 1
     low = np.maximum(np.floor(center - reach).astype(int), 0)
