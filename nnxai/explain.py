@@ -1,0 +1,288 @@
+"""`nnxai explain`: per case, nnU-Net's prediction, its lesion instances and one saliency map per instance.
+
+Each case is written to `OUT/<case>/` through a temporary folder that is renamed when complete, so an
+interrupted run never leaves half a case and a re-run continues with the cases still missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from nnxai.geometry import (preprocess, probabilities_in_original_space, to_network_space, to_original_space,
+                            voxel_volume_mm3, world_coordinates, write_volume)
+from nnxai.instances import LesionInstance, case_instances
+from nnxai.model import LoadedModel
+from nnxai.smoothgrad import instance_smoothgrad, noise_generator
+
+METHODS = ("smoothgrad",)
+CASE_TABLE = "instances.csv"
+RUN_RECORD = "run.json"
+
+
+class CaseError(Exception):
+    """A case that cannot be explained; the message names the file and the cause in one line."""
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """Everything that determines the maps of a run (recorded in run.json)."""
+
+    method: str = "smoothgrad"
+    samples: int = 50
+    noise: float = 0.05
+    threshold: float = 0.5
+    min_size: int = 1
+    connectivity: int = 18
+    rule: str = "any"
+    iou_threshold: float = 0.25
+    seed: int = 0
+    step_size: float = 0.5
+    use_mirroring: bool = True
+    lesion_label: int = 1
+
+
+@dataclass
+class CohortResult:
+    """What a run did: cases explained now, skipped because finished earlier, and failed (case -> message)."""
+
+    explained: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+
+
+def find_cases(images_dir: Path, file_ending: str, num_channels: int) -> dict[str, list[Path]]:
+    """Cases of an nnU-Net input folder (`CASE_XXXX<ending>`), sorted; a case may lack channels (checked later)."""
+    if not images_dir.is_dir():
+        raise CaseError(f"{images_dir}: no such input folder")
+    cases: dict[str, list[Path]] = {}
+    for path in sorted(images_dir.glob(f"*_[0-9][0-9][0-9][0-9]{file_ending}")):
+        case = path.name[: -len(file_ending) - 5]
+        cases.setdefault(case, [])
+    for case in cases:
+        cases[case] = [images_dir / f"{case}_{channel:04d}{file_ending}" for channel in range(num_channels)]
+    return cases
+
+
+def shard(cases: list[str], num_parts: int, part_id: int) -> list[str]:
+    """The cases of one part, exactly as nnUNetv2_predict splits them (`cases[part_id::num_parts]`)."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ValueError(f"part_id must be in [0, num_parts), got part_id={part_id}, num_parts={num_parts}")
+    return cases[part_id::num_parts]
+
+
+def check_channels(files: list[Path]) -> None:
+    """Every channel present, and all channels on one grid (size, spacing, origin, direction)."""
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise CaseError(f"{missing[0]}: missing channel file")
+    reference = _header(files[0])
+    for path in files[1:]:
+        header = _header(path)
+        for key, tolerance in (("size", 0), ("spacing", 1e-4), ("origin", 1e-3), ("direction", 1e-4)):
+            if not np.allclose(reference[key], header[key], atol=tolerance, rtol=0):
+                raise CaseError(f"{path}: {key} {header[key]} differs from {files[0].name} ({reference[key]})")
+
+
+def _header(path: Path) -> dict:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(os.fspath(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise CaseError(f"{path}: not a readable image") from None
+    return {"size": reader.GetSize(), "spacing": reader.GetSpacing(), "origin": reader.GetOrigin(),
+            "direction": reader.GetDirection()}
+
+
+def read_ground_truth(model: LoadedModel, gt_file: Path, properties: dict, lesion_label: int) -> np.ndarray:
+    """Binary ground truth in the input's array layout; refuses a mask on another grid than the image."""
+    if not gt_file.is_file():
+        raise CaseError(f"{gt_file}: ground-truth mask missing")
+    labels, gt_properties = model.plans_manager.image_reader_writer_class().read_seg([os.fspath(gt_file)])
+    labels = labels[0]
+    if tuple(labels.shape) != tuple(properties["shape_before_cropping"][i]
+                                    for i in model.plans_manager.transpose_backward):
+        raise CaseError(f"{gt_file}: shape {labels.shape[::-1]} differs from the image's")
+    if not np.allclose(gt_properties["spacing"], properties["spacing"], atol=1e-4):
+        raise CaseError(f"{gt_file}: spacing {gt_properties['spacing']} differs from the image's")
+    return labels == lesion_label
+
+
+def _network_masks(model: LoadedModel, instances: list[LesionInstance], properties: dict) -> dict[int, np.ndarray]:
+    """Each instance's mask in network space; overlapping instances (possible with the IoU rule) go in turn."""
+    layers: list[list[LesionInstance]] = []
+    for instance in instances:
+        layer = next((l for l in layers if not any((instance.mask & other.mask).any() for other in l)), None)
+        if layer is None:
+            layers.append(layer := [])
+        layer.append(instance)
+    masks = {}
+    for layer in layers:
+        labels = np.zeros(instances[0].mask.shape, dtype=np.int32)
+        for instance in layer:
+            labels[instance.mask] = instance.instance_id
+        network_labels = to_network_space(model, labels, properties)
+        masks.update({instance.instance_id: network_labels == instance.instance_id for instance in layer})
+    return masks
+
+
+def _instance_row(case: str, instance: LesionInstance, probability: np.ndarray, properties: dict,
+                  network_mask: np.ndarray, maps: np.ndarray, channel_names: list[str], method: str) -> dict:
+    voxels = int(instance.mask.sum())
+    centroid = world_coordinates(properties, np.argwhere(instance.mask).mean(axis=0))
+    row = {"case": case, "instance_id": instance.instance_id, "group": instance.group, "voxels": voxels,
+           "volume_mm3": voxels * voxel_volume_mm3(properties),
+           "centroid_x": centroid[0], "centroid_y": centroid[1], "centroid_z": centroid[2],
+           "mean_probability": float(probability[instance.mask].mean()),
+           "network_voxels": int(network_mask.sum())}
+    for channel, name in enumerate(channel_names):
+        inside = maps[channel][network_mask]
+        empty = inside.size == 0
+        row[f"{method}_{name}_peak_pos"] = np.nan if empty else float(inside.max())
+        row[f"{method}_{name}_peak_neg"] = np.nan if empty else float(inside.min())
+        row[f"{method}_{name}_mean"] = np.nan if empty else float(inside.mean())
+    return row
+
+
+def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path, settings: ExplainSettings,
+                 gt_file: Path | None = None, device: str = "cpu", progress: bool = False) -> pd.DataFrame:
+    """Predict, find instances and explain each one; writes `out_dir/<case>/` atomically, returns its table."""
+    check_channels(files)
+    data, properties = preprocess(model, files)
+    for channel in range(data.shape[0]):
+        if not np.isfinite(data[channel]).all():
+            raise CaseError(f"{files[channel]}: contains NaN or Inf voxels")
+    window = model.sliding_window(settings.step_size, settings.use_mirroring, device)
+    tensor = torch.from_numpy(data)
+    with torch.no_grad():
+        logits = window.logits(tensor)
+    probability = probabilities_in_original_space(model, logits, properties)[settings.lesion_label]
+    prediction = probability > settings.threshold
+    ground_truth = None if gt_file is None else read_ground_truth(model, gt_file, properties, settings.lesion_label)
+    instances = case_instances(prediction, ground_truth, settings.connectivity, settings.min_size, settings.rule,
+                               settings.iou_threshold)
+    network_masks = _network_masks(model, instances, properties) if instances else {}
+    maps = instance_smoothgrad(window, tensor, network_masks, settings.samples, settings.noise,
+                               noise_generator(settings.seed, case), settings.lesion_label, progress)
+
+    staging = out_dir / f".{case}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    instance_labels = np.zeros(prediction.shape, dtype=np.uint16)
+    for instance in reversed(instances):  # predicted instances win where an FN lesion overlaps them
+        instance_labels[instance.mask] = instance.instance_id
+    write_volume(prediction.astype(np.uint8), staging / "prediction.nii.gz", properties)
+    write_volume(instance_labels, staging / "instances.nii.gz", properties)
+    rows = []
+    for instance in instances:
+        instance_maps = maps[instance.instance_id]
+        original = to_original_space(model, instance_maps, properties)
+        for channel, name in enumerate(model.channel_names):
+            write_volume(original[channel], staging / settings.method / f"{instance.instance_id:03d}_{name}.nii.gz",
+                         properties)
+        rows.append(_instance_row(case, instance, probability, properties, network_masks[instance.instance_id],
+                                  instance_maps, model.channel_names, settings.method))
+    table = pd.DataFrame(rows, columns=table_columns(model.channel_names, settings.method))
+    table.to_csv(staging / CASE_TABLE, index=False)
+    _replace_folder(staging, out_dir / case)
+    return table
+
+
+def table_columns(channel_names: list[str], method: str) -> list[str]:
+    """Columns of the instance tables, in order."""
+    columns = ["case", "instance_id", "group", "voxels", "volume_mm3", "centroid_x", "centroid_y", "centroid_z",
+               "mean_probability", "network_voxels"]
+    return columns + [f"{method}_{name}_{stat}" for name in channel_names for stat in ("peak_pos", "peak_neg", "mean")]
+
+
+def _replace_folder(staging: Path, final: Path) -> None:
+    """Move a completed staging folder into place, replacing an older result only once the new one is complete."""
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a text file through a temporary name so readers never see half of it."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def run_record(model: LoadedModel, settings: ExplainSettings, images_dir: Path, gt_dir: Path | None) -> dict:
+    """Parameters, model identity (with checkpoint hashes), seed and package versions of a run."""
+    packages = {}
+    for name in ("nnxai", "nnunetv2", "torch", "numpy", "scipy", "SimpleITK", "connected-components-3d"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    return {"settings": asdict(settings), "model": model.describe(), "images": str(images_dir),
+            "ground_truth": str(gt_dir) if gt_dir else None, "channels": model.channel_names,
+            "python": platform.python_version(), "packages": packages,
+            "saliency_statistics_space": "network (preprocessed) space, one spacing for all cases"}
+
+
+def _check_resumable(out_dir: Path, record: dict, overwrite: bool) -> None:
+    """Refuse to mix outputs of different settings or models in one folder unless --overwrite is given."""
+    path = out_dir / RUN_RECORD
+    if overwrite or not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+    for key in ("settings", "model", "ground_truth"):
+        if previous.get(key) != json.loads(json.dumps(record[key])):
+            raise CaseError(f"{path}: this folder holds a run with other {key}; use another -o or --overwrite")
+
+
+def collect_tables(out_dir: Path) -> pd.DataFrame:
+    """The cohort table: every finished case's instance table, concatenated."""
+    tables = [pd.read_csv(p) for p in sorted(out_dir.glob(f"*/{CASE_TABLE}")) if not p.parent.name.startswith(".")]
+    non_empty = [t for t in tables if not t.empty]
+    return pd.concat(non_empty, ignore_index=True) if non_empty else (tables[0] if tables else pd.DataFrame())
+
+
+def explain_cohort(model: LoadedModel, images_dir: Path, out_dir: Path, settings: ExplainSettings,
+                   gt_dir: Path | None = None, num_parts: int = 1, part_id: int = 0, overwrite: bool = False,
+                   device: str = "cpu", progress: bool = True) -> CohortResult:
+    """Explain every case of an nnU-Net input folder (one shard of it), skipping cases already finished."""
+    if settings.method not in METHODS:
+        raise CaseError(f"unknown method {settings.method!r}; choose from {', '.join(METHODS)}")
+    file_ending = model.dataset_json["file_ending"]
+    cases = find_cases(images_dir, file_ending, len(model.channel_names))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise CaseError(f"{out_dir}: output folder is not writable")
+    record = run_record(model, settings, images_dir, gt_dir)
+    _check_resumable(out_dir, record, overwrite)
+    write_atomically(out_dir / RUN_RECORD, json.dumps(record, indent=2, default=str) + "\n")
+    result = CohortResult([], [], {})
+    mine = shard(list(cases), num_parts, part_id)
+    for case in tqdm(mine, desc="cases", unit="case", disable=not progress):
+        if (out_dir / case / CASE_TABLE).is_file() and not overwrite:
+            result.skipped.append(case)
+            continue
+        gt_file = None if gt_dir is None else gt_dir / f"{case}{file_ending}"
+        try:
+            explain_case(model, case, cases[case], out_dir, settings, gt_file, device, progress)
+        except CaseError as error:
+            result.failed[case] = str(error)
+            tqdm.write(f"error: {error}", file=sys.stderr)
+            continue
+        result.explained.append(case)
+    write_atomically(out_dir / CASE_TABLE, collect_tables(out_dir).to_csv(index=False))
+    return result

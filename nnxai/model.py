@@ -1,0 +1,146 @@
+"""Loading a trained nnU-Net v2 model (one or several folds) the way `nnUNetv2_predict` does, but safely."""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import torch
+from nnunetv2.utilities.label_handling.label_handling import LabelManager, determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+from nnxai.checkpoint import load_checkpoint
+from nnxai.environment import register_trainers
+from nnxai.sliding_window import SlidingWindow
+
+
+class ModelError(click.ClickException):
+    """A model folder, fold or checkpoint that cannot be used."""
+
+
+@dataclass
+class LoadedModel:
+    """A trained nnU-Net model: one network per fold plus the plans that define its input and output."""
+
+    folder: Path
+    folds: list[str]
+    checkpoint_name: str
+    networks: list[nn.Module]
+    plans_manager: PlansManager
+    configuration_manager: ConfigurationManager
+    dataset_json: dict
+    trainer_name: str
+    configuration: str
+    mirror_axes: tuple[int, ...] | None
+    checkpoint_sha256: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label_manager(self) -> LabelManager:
+        return self.plans_manager.get_label_manager(self.dataset_json)
+
+    @property
+    def channel_names(self) -> list[str]:
+        """Input channel names from dataset.json (`channel_names` or the older `modality`), in channel order."""
+        names = self.dataset_json.get("channel_names", self.dataset_json.get("modality", {}))
+        return [names[key] for key in sorted(names, key=int)]
+
+    def sliding_window(self, step_size: float = 0.5, use_mirroring: bool = True,
+                       device: torch.device | str = "cpu") -> SlidingWindow:
+        """A differentiable sliding window with this model's patch size and allowed mirroring axes."""
+        networks = [network.to(device) for network in self.networks]
+        return SlidingWindow(networks, self.configuration_manager.patch_size, step_size,
+                             self.mirror_axes if use_mirroring else None, device=device)
+
+    def describe(self) -> dict:
+        """What identifies this model in a run record."""
+        return {"folder": str(self.folder), "trainer": self.trainer_name, "configuration": self.configuration,
+                "plans": self.plans_manager.plans_name, "folds": self.folds, "checkpoint": self.checkpoint_name,
+                "checkpoint_sha256": self.checkpoint_sha256}
+
+
+def model_folder(dataset: str, configuration: str, trainer: str = "nnUNetTrainer",
+                 plans: str = "nnUNetPlans") -> Path:
+    """`$nnUNet_results/DatasetNNN_Name/Trainer__Plans__config`, as `nnUNetv2_predict -d -c -tr -p` finds it."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    try:
+        return Path(get_output_folder(dataset, trainer, plans, configuration))
+    except RuntimeError as error:
+        raise ModelError(str(error).splitlines()[0]) from None
+
+
+def available_folds(folder: Path, checkpoint_name: str) -> list[str]:
+    """Folds with the checkpoint present (nnU-Net's auto-detection: numbered folds, not `fold_all`)."""
+    found = [p.name.removeprefix("fold_") for p in folder.glob("fold_*") if (p / checkpoint_name).is_file()]
+    return sorted((f for f in found if f != "all"), key=int)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelError(f"{path}: missing; not an nnU-Net model folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{path}: not valid JSON ({error.msg})") from None
+
+
+def load_model(folder: str | Path, folds: list[str] | None = None, checkpoint_name: str = "checkpoint_final.pth",
+               trust_checkpoint: bool = False) -> LoadedModel:
+    """Load the networks of `folds` (default: all present) from an nnU-Net results folder, on the CPU."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: no such model folder")
+    dataset_json = _read_json(folder / "dataset.json")
+    plans_manager = PlansManager(_read_json(folder / "plans.json"))
+    folds = [str(f) for f in folds] if folds else available_folds(folder, checkpoint_name)
+    if not folds:
+        raise ModelError(f"{folder}: no fold_*/{checkpoint_name} found")
+    register_trainers()
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    checkpoints, hashes = [], {}
+    for fold in folds:
+        path = folder / f"fold_{fold}" / checkpoint_name
+        if not path.is_file():
+            present = available_folds(folder, checkpoint_name)
+            raise ModelError(f"{path}: fold {fold} has no {checkpoint_name} (folds present: {present or 'none'})")
+        checkpoints.append(load_checkpoint(path, trust=trust_checkpoint))
+        hashes[fold] = _sha256(path)
+    first = checkpoints[0]
+    configuration = first["init_args"]["configuration"]
+    configuration_manager = plans_manager.get_configuration(configuration)
+    trainer_class = recursive_find_trainer_class_by_name(first["trainer_name"])
+    networks = []
+    for checkpoint in checkpoints:
+        network = _build_network(trainer_class, plans_manager, configuration_manager, dataset_json)
+        network.load_state_dict(checkpoint["network_weights"])
+        networks.append(network.eval())
+    mirror_axes = first.get("inference_allowed_mirroring_axes")
+    return LoadedModel(folder, folds, checkpoint_name, networks, plans_manager, configuration_manager, dataset_json,
+                       first["trainer_name"], configuration, tuple(mirror_axes) if mirror_axes else None, hashes)
+
+
+def _build_network(trainer_class, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                   dataset_json: dict) -> nn.Module:
+    """The trainer's own architecture without deep supervision, as nnU-Net builds it for inference."""
+    num_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
+        return trainer_class.build_network_architecture(plans_manager, configuration_manager, num_inputs,
+                                                        num_outputs, enable_deep_supervision=False)
+    return trainer_class.build_network_architecture(
+        configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+        configuration_manager.network_arch_init_kwargs_req_import, num_inputs, num_outputs,
+        enable_deep_supervision=False)
