@@ -4,7 +4,8 @@ Each dataset module only says where its cases are (a `DatasetDescription` whose 
 `SourceCase`s); checking, splitting, writing, the sidecar table and the command line are shared here.
 
 Behaviour on bad input (the same for every dataset):
-- a folder with no file of the expected layout is not the named dataset: error, nothing written;
+- a folder with no file of the expected layout is not the named dataset: an error saying what was
+  expected, nothing written;
 - a bad case (missing channel or mask, not a readable NIfTI file, not 3D, shapes or affines that disagree
   with the FLAIR's, a mask with fractional, negative or unexpected values) is skipped, with a one-line
   reason naming the file, listed at the end and in the sidecar table;
@@ -119,6 +120,16 @@ def safe_id(*parts: str) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9_-]", "-", part) for part in parts if part)
 
 
+def is_test_folder(name: str) -> bool:
+    """Whether a source folder holds a test set ("test", "Testing", ...)."""
+    return "test" in name.lower()
+
+
+def is_split_folder(name: str) -> bool:
+    """Whether a source folder is a training or test set level ("training", "train", "Testing", ...)."""
+    return "train" in name.lower() or is_test_folder(name)
+
+
 def nifti_stem(name: str) -> str:
     """A file name without its .nii/.nii.gz ending."""
     for ending in NIFTI_ENDINGS:
@@ -191,7 +202,7 @@ def mask_to_label(path: Path, mask: nib.Nifti1Image, labels: dict[str, int]) -> 
     data = np.asanyarray(mask.dataobj)
     if labels == LESION_LABELS:
         return (data >= 1).astype(np.uint8)
-    unexpected = sorted(set(values.astype(int)) - set(labels.values()))
+    unexpected = sorted(set(values.astype(int).tolist()) - set(labels.values()))
     if unexpected:
         raise CaseProblem(f"{path}: unexpected label values {unexpected} (expected {sorted(labels.values())})")
     return data.astype(np.uint8)
@@ -319,7 +330,7 @@ def convert_dataset(description: DatasetDescription, source: Path, dataset_id: i
 
     cases = description.discover(source, **dataset_options)
     if not any(path.exists() for case in cases for path in (*case.channels, case.mask)):
-        raise ConversionError(f"{source}: not a {description.title} folder (expected {description.layout})")
+        raise ConversionError(f"{source}: no {description.title} cases found (expected {description.layout})")
     _check_unique_ids(cases)
     outcomes = [check_case(case, description.labels, affine_tolerance, skip_empty_masks)
                 for case in tqdm(cases, desc="checking cases", unit="case", disable=None)]

@@ -168,7 +168,7 @@ def test_basel_fails_when_nothing_converts_or_the_folder_is_wrong(tmp_path):
     save_case(elsewhere / "pre", "FLAIR.nii.gz", "T1.nii.gz", None)
     result = run_convert("basel", tmp_path / "wmh", tmp_path)
     assert result.exit_code != 0
-    assert "not a Basel folder (expected <patient>/<visit>/ folders holding flair_3d_sbr.nii.gz" in result.output
+    assert "no Basel cases found (expected <patient>/<visit>/ folders holding flair_3d_sbr.nii.gz" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 
