@@ -12,7 +12,8 @@ DEFAULT_T1 = "t1n_3d_sb.nii.gz"
 DEFAULT_MASK = "lesion_mask_final.nii.gz"
 
 
-def discover(source: Path, flair: str = DEFAULT_FLAIR, t1: str = DEFAULT_T1, mask: str = DEFAULT_MASK) -> list[SourceCase]:
+def discover(source: Path, flair: str = DEFAULT_FLAIR, t1: str = DEFAULT_T1,
+             mask: str = DEFAULT_MASK) -> list[SourceCase]:
     """One case per `<source>/<patient>/<visit>/` folder; the patient folder is the patient."""
     cases = []
     for visit_dir in sorted(source.glob("*/*")):

@@ -193,13 +193,13 @@ def mask_to_label(path: Path, mask: nib.Nifti1Image, labels: dict[str, int]) -> 
 
     Fractional or negative values mean the file is not a label mask (e.g. resampled with interpolation).
     """
-    values = np.unique(np.asanyarray(mask.dataobj))
+    data = np.asanyarray(mask.dataobj)
+    values = np.unique(data)
     if (values < 0).any():
         raise CaseProblem(f"{path}: not a binary mask (negative values such as {values.min():g})")
     fractional = values[values != np.round(values)]
     if fractional.size:
         raise CaseProblem(f"{path}: not a binary mask (values such as {fractional[0]:g} are not whole numbers)")
-    data = np.asanyarray(mask.dataobj)
     if labels == LESION_LABELS:
         return (data >= 1).astype(np.uint8)
     unexpected = sorted(set(values.astype(int).tolist()) - set(labels.values()))
@@ -349,7 +349,7 @@ def convert_dataset(description: DatasetDescription, source: Path, dataset_id: i
         for outcome in tqdm(report.converted, desc="writing cases", unit="case", disable=None):
             write_checked_case(staging, outcome, description.labels, link)
         write_dataset_json(staging, len(report.case_ids("train")) + len(report.case_ids("val")), folder_name,
-                           labels=description.labels, reference=description.reference,
+                           labels=description.labels, reference=description.reference or None,
                            description=f"{description.title} converted by nnxai from {source.resolve()}",
                            numTest=len(report.case_ids("test")))
         sidecar_table(report).to_csv(staging / SIDECAR_NAME, index=False)

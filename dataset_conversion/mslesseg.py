@@ -20,7 +20,8 @@ SUFFIXES = ("_FLAIR", "_T1", "_MASK")
 def discover(source: Path) -> list[SourceCase]:
     """One case per scan prefix (e.g. P1_T1 in train/P1/T1/P1_T1_FLAIR.nii.gz) found with any of its files."""
     folders = {path.parent for suffix in SUFFIXES for path in source.rglob(f"*{suffix}.nii*")}
-    scans = sorted({(folder, prefix) for folder in folders for suffix in SUFFIXES for prefix in nifti_files(folder, suffix)})
+    scans = sorted({(folder, prefix)
+                    for folder in folders for suffix in SUFFIXES for prefix in nifti_files(folder, suffix)})
     cases = []
     for folder, prefix in scans:
         parts = folder.relative_to(source).parts

@@ -3,7 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dataset_conversion.lesion_converter import DatasetDescription, SourceCase, is_test_folder, locate, make_command, safe_id
+from dataset_conversion.lesion_converter import (
+    DatasetDescription,
+    SourceCase,
+    is_test_folder,
+    locate,
+    make_command,
+    safe_id,
+)
 
 
 def discover(source: Path) -> list[SourceCase]:

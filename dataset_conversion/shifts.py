@@ -3,7 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dataset_conversion.lesion_converter import DatasetDescription, SourceCase, locate, make_command, nifti_files, safe_id
+from dataset_conversion.lesion_converter import (
+    DatasetDescription,
+    SourceCase,
+    locate,
+    make_command,
+    nifti_files,
+    safe_id,
+)
 
 FOLDERS = {"flair": "_FLAIR_isovox", "t1": "_T1_isovox", "gt": "_gt_isovox"}
 ROLE_OF_SPLIT = {"train": "train", "dev_in": "val"}   # any other split (eval_in, dev_out, ...) is a test set

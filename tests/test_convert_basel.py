@@ -6,7 +6,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import pytest
 
 from fake_sources import AFFINE, case_ids, digest, lesion, load_splits, run_convert, save, save_case, verify_with_nnunet
 
@@ -53,7 +52,7 @@ def test_basel_writes_a_valid_patient_level_dataset(tmp_path, capfd):
 
     label_dir = "labelsTs" if "P00_V0" in test else "labelsTr"
     label = np.asanyarray(nib.load(dataset / label_dir / "P00_V0.nii.gz").dataobj)
-    np.testing.assert_array_equal(label, lesion() .astype(np.uint8))    # value 2 binarized to 1
+    np.testing.assert_array_equal(label, lesion().astype(np.uint8))    # value 2 binarized to 1
     table = pd.read_csv(dataset / "nnxai_source_cases.csv").set_index("case_id")
     assert table.loc["P00_V0", "flair"] == str((source / "P00" / "V0" / "flair_3d_sbr.nii").resolve())
     assert table.loc["P03_V1", "mask"] == str((source / "P03" / "V1" / MASK).resolve())

@@ -39,7 +39,8 @@ def test_msseg2016_converts_centers_and_the_testing_folder(tmp_path, capfd):
     assert (f"  Center_07_Patient_02: {source}/Training/Center_07/Patient_02/Preprocessed_Data/{T1}: "
             f"missing T1 (no such file)") in result.output
     table = pd.read_csv(dataset / "nnxai_source_cases.csv").set_index("case_id")
-    assert table.loc["Center_03_Patient_01", "mask"] == str(source / "Training/Center_03/Patient_01/Masks/Consensus.nii.gz")
+    assert table.loc["Center_03_Patient_01", "mask"] == str(
+        source / "Training/Center_03/Patient_01/Masks/Consensus.nii.gz")
     assert table.loc["Center_07_Patient_02", "set"] == "skipped"
 
     assert run_convert("msseg2016", source, tmp_path, "--seed", "4").exit_code == 0
