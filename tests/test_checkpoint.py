@@ -98,6 +98,7 @@ def trained(tmp_path_factory) -> tuple[Path, object]:
                         "numTraining": 1, "file_ending": ".nii.gz"}
         trainer = nnUNetTrainer(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
         trainer.initialize()
+        trainer.grad_scaler = torch.amp.GradScaler("cpu")  # nnU-Net uses one on GPUs: its state is saved too
         trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         generator = torch.Generator().manual_seed(0)
         trainer.on_epoch_start()
@@ -125,6 +126,9 @@ def test_real_checkpoint_loads_without_trust(trained):
     assert checkpoint["init_args"]["device"] == torch.device("cpu")
     assert checkpoint["inference_allowed_mirroring_axes"] == (0, 1, 2)
     assert checkpoint["current_epoch"] == 1
+    assert checkpoint["grad_scaler_state"] == trainer.grad_scaler.state_dict() != {}
+    momentum = checkpoint["optimizer_state"]["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, trainer.optimizer.state_dict()["state"][0]["momentum_buffer"])
     logged = trainer.logger.get_checkpoint()
     assert isinstance(checkpoint["_best_ema"], np.floating)
     assert checkpoint["_best_ema"] == trainer._best_ema
