@@ -189,11 +189,11 @@ def fresh_venv(folder: Path) -> Path:
         if not entry.name.startswith(("nnxai", "__editable__")) and entry.suffix != ".pth":
             (provided / entry.name).symlink_to(entry)
     (purelib / "provided-by-base-image.pth").write_text(f"{provided}\n")
-    for script in BIN.glob("nnUNetv2_*"):
-        lines = script.read_text().splitlines(keepends=True)
-        target = folder / "bin" / script.name
-        target.write_text(f"#!{python}\n" + "".join(lines[1:]))
-        target.chmod(0o755)
+    for entry_point in importlib.metadata.distribution("nnunetv2").entry_points.select(group="console_scripts"):
+        module, function = entry_point.value.split(":")
+        script = folder / "bin" / entry_point.name
+        script.write_text(f"#!{python}\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n")
+        script.chmod(0o755)
     return folder
 
 
