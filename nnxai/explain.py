@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from nnxai.geometry import (preprocess, probabilities_in_original_space, to_network_space, to_original_space,
+from nnxai.geometry import (preprocess_array, probabilities_in_original_space, read_images, to_network_space, to_original_space,
                             voxel_volume_mm3, world_coordinates, write_volume)
 from nnxai.instances import LesionInstance, case_instances
 from nnxai.model import LoadedModel
@@ -82,16 +83,27 @@ def shard(cases: list[str], num_parts: int, part_id: int) -> list[str]:
 
 
 def check_channels(files: list[Path]) -> None:
-    """Every channel present, and all channels on one grid (size, spacing, origin, direction)."""
+    """Every channel present, finite, and all channels on one grid (size, spacing, origin, direction)."""
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise CaseError(f"{missing[0]}: missing channel file")
+    for path in files:
+        check_finite(path)
     reference = _header(files[0])
     for path in files[1:]:
         header = _header(path)
         for key, tolerance in (("size", 0), ("spacing", 1e-4), ("origin", 1e-3), ("direction", 1e-4)):
             if not np.allclose(reference[key], header[key], atol=tolerance, rtol=0):
                 raise CaseError(f"{path}: {key} {header[key]} differs from {files[0].name} ({reference[key]})")
+
+
+def check_finite(path: Path) -> None:
+    """Refuse NaN/Inf voxels, which SimpleITK would silently read as 0 (NIfTI files with a float type)."""
+    if not path.name.endswith((".nii", ".nii.gz")):
+        return
+    image = nib.load(path)
+    if image.get_data_dtype().kind == "f" and not np.isfinite(np.asanyarray(image.dataobj)).all():
+        raise CaseError(f"{path}: contains NaN or Inf voxels")
 
 
 def _header(path: Path) -> dict:
@@ -161,10 +173,8 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
                  gt_file: Path | None = None, device: str = "cpu", progress: bool = False) -> pd.DataFrame:
     """Predict, find instances and explain each one; writes `out_dir/<case>/` atomically, returns its table."""
     check_channels(files)
-    data, properties = preprocess(model, files)
-    for channel in range(data.shape[0]):
-        if not np.isfinite(data[channel]).all():
-            raise CaseError(f"{files[channel]}: contains NaN or Inf voxels")
+    images, properties = read_images(model, files)
+    data = preprocess_array(model, images, properties)
     window = model.sliding_window(settings.step_size, settings.use_mirroring, device)
     tensor = torch.from_numpy(data)
     with torch.no_grad():

@@ -19,12 +19,23 @@ from nnunetv2.inference.export_prediction import convert_predicted_logits_to_seg
 from nnxai.model import LoadedModel
 
 
-def preprocess(model: LoadedModel, image_files: list[str | Path]) -> tuple[np.ndarray, dict]:
-    """Run nnU-Net's own preprocessor for this model on one case: (C, *network shape) data and its properties."""
+def read_images(model: LoadedModel, image_files: list[str | Path]) -> tuple[np.ndarray, dict]:
+    """The case's channels (C, *input array shape) and geometry, read by the model's own image reader."""
+    return model.plans_manager.image_reader_writer_class().read_images([str(f) for f in image_files])
+
+
+def preprocess_array(model: LoadedModel, images: np.ndarray, properties: dict) -> np.ndarray:
+    """nnU-Net's own preprocessing of read images to the (C, *network shape) input; fills `properties` in."""
     preprocessor = model.configuration_manager.preprocessor_class(verbose=False)
-    data, _, properties = preprocessor.run_case([str(f) for f in image_files], None, model.plans_manager,
-                                                model.configuration_manager, model.dataset_json)
-    return np.asarray(data, dtype=np.float32), properties
+    data, _, _ = preprocessor.run_case_npy(images, None, properties, model.plans_manager,
+                                           model.configuration_manager, model.dataset_json)
+    return np.asarray(data, dtype=np.float32)
+
+
+def preprocess(model: LoadedModel, image_files: list[str | Path]) -> tuple[np.ndarray, dict]:
+    """Read and preprocess one case as nnU-Net does: network input and the properties to undo it."""
+    images, properties = read_images(model, image_files)
+    return preprocess_array(model, images, properties), properties
 
 
 def _network_and_original_spacing(model: LoadedModel, properties: dict) -> tuple[list[float], list[float]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -49,18 +50,44 @@ def plans(transpose_forward=(0, 2, 1)) -> dict:
             "foreground_intensity_properties_per_channel": {"0": INTENSITIES, "1": INTENSITIES}}
 
 
-def write_model_folder(folder: Path, folds=(0,), seed: int = 0, logit_scale: float = 8.0) -> Path:
-    """plans.json, dataset.json and fold_X/checkpoint_final.pth laid out as nnU-Net writes them."""
+def blob_batch(rng: np.random.Generator, n: int = 4, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Z-scored two-channel noise with 1-3 spherical lesions each: bright on channel 0, dark on channel 1."""
+    x = rng.normal(0, 1, (n, 2, size, size, size)).astype(np.float32)
+    y = np.zeros((n, size, size, size), np.int64)
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"))
+    for i in range(n):
+        for _ in range(rng.integers(1, 4)):
+            centre, radius = rng.uniform(2, size - 2, 3)[:, None, None, None], rng.uniform(1.5, 3.5)
+            y[i][((grid - centre) ** 2).sum(0) < radius ** 2] = 1
+        x[i, 0] += 3 * y[i]
+        x[i, 1] -= y[i]
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+@functools.lru_cache
+def trained_weights(seed: int = 0, steps: int = 40) -> dict:
+    """Weights of the tiny network after a few seconds of training to segment bright FLAIR blobs (Dice ~0.9)."""
+    network = tiny_unet(seed=seed).train()
+    optimizer = torch.optim.Adam(network.parameters(), 3e-2)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        x, y = blob_batch(rng)
+        loss = torch.nn.functional.cross_entropy(network(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+
+def write_model_folder(folder: Path, folds=(0,), seed: int = 0) -> Path:
+    """plans.json, dataset.json and fold_X/checkpoint_final.pth (a trained tiny network) as nnU-Net lays them out."""
     folder.mkdir(parents=True, exist_ok=True)
     plan = plans()
     (folder / "plans.json").write_text(json.dumps(plan))
     (folder / "dataset.json").write_text(json.dumps(DATASET_JSON))
     for fold in folds:
-        network = tiny_unet(seed=seed + int(fold))
-        with torch.no_grad():  # decisive logits, so that fp16 rounding in nnU-Net rarely flips a voxel
-            network.decoder.seg_layers[-1].weight *= logit_scale
         (folder / f"fold_{fold}").mkdir(exist_ok=True)
-        torch.save({"network_weights": network.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
+        torch.save({"network_weights": trained_weights(seed + int(fold)), "optimizer_state": None, "grad_scaler_state": None,
                     "logging": {}, "_best_ema": None, "current_epoch": 1,
                     "init_args": {"plans": plan, "configuration": "3d_fullres", "fold": fold,
                                   "dataset_json": DATASET_JSON},

@@ -1,0 +1,190 @@
+"""`nnxai explain` end to end on a tiny trained model: faithful to nnU-Net, right geometry, resumable, safe."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+from click.testing import CliRunner
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from scipy import ndimage
+
+from nnxai.cli import main
+from nnxai.explain import ExplainSettings, explain_cohort, find_cases, shard
+from nnxai.geometry import preprocess, to_network_space, to_original_space, world_coordinates
+from nnxai.model import ModelError, load_model
+from tests.fake_model import write_case, write_model_folder
+
+SETTINGS = ExplainSettings(samples=2)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explain")
+    model_dir = write_model_folder(root / "model")
+    for i in range(2):
+        write_case(root / "images", f"case_{i}", seed=i, labels_dir=root / "labels")
+    model = load_model(model_dir)
+    result = explain_cohort(model, root / "images", root / "out", SETTINGS, root / "labels", progress=False)
+    return root, model, result
+
+
+def read(path):
+    image = sitk.ReadImage(str(path))
+    return image, sitk.GetArrayFromImage(image)
+
+
+def test_outputs_have_the_input_geometry(cohort):
+    root, model, result = cohort
+    assert result.explained == ["case_0", "case_1"] and not result.failed
+    source, _ = read(root / "images" / "case_0_0000.nii.gz")
+    for name in ["prediction.nii.gz", "instances.nii.gz", "smoothgrad/001_FLAIR.nii.gz", "smoothgrad/002_T1.nii.gz"]:
+        image, _ = read(root / "out" / "case_0" / name)
+        assert image.GetSize() == source.GetSize()
+        assert np.allclose(image.GetSpacing(), source.GetSpacing())
+        assert np.allclose(image.GetOrigin(), source.GetOrigin())
+        assert np.allclose(image.GetDirection(), source.GetDirection())
+
+
+def test_segmentation_equals_nnunet_predict(cohort, tmp_path):
+    root, _, _ = cohort
+    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(root / "model"), (0,))
+    predictor.predict_from_files(str(root / "images"), str(tmp_path), save_probabilities=False,
+                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    for case in ["case_0", "case_1"]:
+        _, theirs = read(tmp_path / f"{case}.nii.gz")
+        _, ours = read(root / "out" / case / "prediction.nii.gz")
+        dice = 2 * np.logical_and(theirs, ours).sum() / (theirs.sum() + ours.sum())
+        assert theirs.sum() > 50 and dice >= 0.999
+
+
+def test_groups_and_tables_match_instance_map(cohort):
+    root, _, _ = cohort
+    table = pd.read_csv(root / "out" / "case_0" / "instances.csv")
+    _, instances = read(root / "out" / "case_0" / "instances.nii.gz")
+    _, gt = read(root / "labels" / "case_0.nii.gz")
+    assert sorted(table.group) == ["TP", "TP"]  # the two blobs are found, nothing else
+    for row in table.itertuples():
+        mask = instances == row.instance_id
+        assert mask.sum() == row.voxels
+        assert gt[mask].any()
+        assert row.volume_mm3 == pytest.approx(row.voxels * 1.2 * 1.0 * 2.0)
+        assert row.smoothgrad_FLAIR_mean > 0 > row.smoothgrad_T1_mean  # bright FLAIR and dark T1 drive lesions
+    cohort_table = pd.read_csv(root / "out" / "instances.csv")
+    assert len(cohort_table) == 4 and set(cohort_table.case) == {"case_0", "case_1"}
+
+
+def test_map_peaks_at_its_instance_on_oblique_anisotropic_input(cohort):
+    root, _, _ = cohort
+    _, instances = read(root / "out" / "case_1" / "instances.nii.gz")
+    for instance_id in (1, 2):
+        _, saliency = read(root / "out" / "case_1" / "smoothgrad" / f"{instance_id:03d}_FLAIR.nii.gz")
+        peak = np.unravel_index(np.argmax(saliency), saliency.shape)
+        near = ndimage.binary_dilation(instances == instance_id, iterations=1)
+        assert near[peak]
+
+
+def test_centroid_world_coordinates_agree_with_itk(cohort):
+    root, model, _ = cohort
+    image, _ = read(root / "images" / "case_0_0000.nii.gz")
+    _, properties = preprocess(model, [root / "images" / "case_0_0000.nii.gz", root / "images" / "case_0_0001.nii.gz"])
+    index_zyx = np.array([3.0, 7.5, 11.0])
+    lps = image.TransformContinuousIndexToPhysicalPoint(index_zyx[::-1].tolist())
+    assert np.allclose(world_coordinates(properties, index_zyx), [-lps[0], -lps[1], lps[2]])
+
+
+def test_geometry_round_trip(cohort):
+    root, model, _ = cohort
+    files = [root / "images" / f"case_0_000{c}.nii.gz" for c in range(2)]
+    data, properties = preprocess(model, files)
+    _, gt = read(root / "labels" / "case_0.nii.gz")
+    network = to_network_space(model, gt.astype(np.int32), properties)
+    assert network.shape == data.shape[1:]  # transposed and resampled to the network grid
+    back = to_original_space(model, network[None].astype(np.float32), properties)[0] > 0.5
+    # resampling twice blurs the small blobs' borders, but nothing moves: same place, no voxel outside
+    assert back.sum() > 0.5 * gt.sum() and not (back & (gt == 0)).any()
+    for blob in (1, 2):
+        original = ndimage.label(gt)[0] == blob
+        assert np.allclose(ndimage.center_of_mass(back & original), ndimage.center_of_mass(original), atol=0.5)
+
+
+def test_run_record_and_resume(cohort):
+    root, model, _ = cohort
+    record = json.loads((root / "out" / "run.json").read_text())
+    assert record["settings"]["samples"] == 2 and record["channels"] == ["FLAIR", "T1"]
+    assert len(record["model"]["checkpoint_sha256"]["0"]) == 64
+    again = explain_cohort(model, root / "images", root / "out", SETTINGS, root / "labels", progress=False)
+    assert again.skipped == ["case_0", "case_1"] and not again.explained
+
+
+def test_other_settings_in_same_folder_are_refused(cohort):
+    root, model, _ = cohort
+    with pytest.raises(Exception, match="other settings"):
+        explain_cohort(model, root / "images", root / "out", ExplainSettings(samples=3), root / "labels",
+                       progress=False)
+
+
+def test_bad_cases_fail_alone_with_one_line_each(cohort, tmp_path):
+    root, model, _ = cohort
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    shutil.copytree(root / "images", images)
+    shutil.copytree(root / "labels", labels)
+    write_case(images, "no_t1", seed=3, labels_dir=labels)
+    (images / "no_t1_0001.nii.gz").unlink()
+    write_case(images, "nan", seed=4, labels_dir=labels)
+    flair = sitk.ReadImage(str(images / "nan_0000.nii.gz"))
+    array = sitk.GetArrayFromImage(flair)
+    array[2, 2, 2] = np.nan
+    nan_image = sitk.GetImageFromArray(array)
+    nan_image.CopyInformation(flair)
+    sitk.WriteImage(nan_image, str(images / "nan_0000.nii.gz"))
+    write_case(images, "shifted_t1", seed=5, spacing=(1.2, 1.0, 2.0), labels_dir=labels)
+    write_case(tmp_path / "other", "shifted_t1", seed=5, spacing=(1.0, 1.0, 2.0))
+    shutil.copy(tmp_path / "other" / "shifted_t1_0001.nii.gz", images / "shifted_t1_0001.nii.gz")
+    write_case(images, "small_gt", seed=6)
+    write_case(tmp_path / "other", "small_gt", seed=6, size=(10, 10, 10), labels_dir=labels)
+    runner = CliRunner()
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["explain", "-i", str(images), "-o", str(out), "-m", str(root / "model"),
+                                  "--gt", str(labels), "--samples", "1", "-device", "cpu"])
+    assert result.exit_code == 1
+    assert "no_t1_0001.nii.gz: missing channel file" in result.output
+    assert "nan_0000.nii.gz: contains NaN or Inf voxels" in result.output
+    assert "shifted_t1_0001.nii.gz: spacing" in result.output
+    assert "small_gt.nii.gz: shape" in result.output
+    finished = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert finished == ["case_0", "case_1"]  # the good cases, and no half-written folder of a failed one
+
+
+def test_unknown_fold_and_missing_model_are_clear(cohort, tmp_path):
+    root, _, _ = cohort
+    with pytest.raises(ModelError, match="fold 3 has no checkpoint_final.pth"):
+        load_model(root / "model", ["3"])
+    with pytest.raises(ModelError, match="no such model folder"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_sharding_matches_nnunet():
+    cases = [f"c{i}" for i in range(7)]
+    parts = [shard(cases, 3, p) for p in range(3)]
+    assert parts[0] == ["c0", "c3", "c6"] and sorted(sum(parts, [])) == cases
+
+
+def test_case_without_lesions_gives_empty_table(cohort, tmp_path):
+    root, model, _ = cohort
+    images = tmp_path / "images"
+    write_case(images, "clean", seed=7)
+    for channel in range(2):
+        image = sitk.ReadImage(str(images / f"clean_000{channel}.nii.gz"))
+        shape = sitk.GetArrayFromImage(image).shape
+        ramp = np.broadcast_to(np.linspace(1, 2, shape[-1], dtype=np.float32), shape).copy()
+        flat = sitk.GetImageFromArray(ramp)
+        flat.CopyInformation(image)
+        sitk.WriteImage(flat, str(images / f"clean_000{channel}.nii.gz"))
+    result = explain_cohort(model, images, tmp_path / "out", SETTINGS, progress=False)
+    assert result.explained == ["clean"]
+    assert pd.read_csv(tmp_path / "out" / "clean" / "instances.csv").empty
+    assert find_cases(images, ".nii.gz", 2) == {"clean": [images / "clean_0000.nii.gz", images / "clean_0001.nii.gz"]}
