@@ -142,8 +142,10 @@ def test_short_validation_skips_mirroring_and_spawns_few_workers(plans, monkeypa
 def test_short_wml_training_on_cpu_writes_final_checkpoint(nnunet_folders):
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
-    plan_fake_dataset(DATASET_ID, n_cases=4)
+    plans_file = plan_fake_dataset(DATASET_ID, n_cases=4)
     preprocess_dataset(DATASET_ID, configurations=["3d_fullres"], num_processes=[1], show_progress_bar=False)
+    split = {"train": ["case_000", "case_001", "case_002"], "val": ["case_003"]}
+    plans_file.with_name("splits_final.json").write_text(json.dumps([split]))
     write_small_plans(DATASET_ID)
     trainers_folder = subprocess.run([venv_command("nnxai"), "trainers-path"], capture_output=True, text=True,
                                      check=True).stdout.strip()
