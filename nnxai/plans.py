@@ -70,7 +70,8 @@ def write_small_plans(dataset_name_or_id: int | str, plans_name: str = CPU_PLANS
         raise PlansError(f"patch size {tuple(patch_size)} has {len(patch_size)} axes, "
                          f"configuration {configuration!r} has {len(config['patch_size'])}")
     if config.get("previous_stage"):
-        raise PlansError(f"{source_file}: configuration {configuration!r} is a cascade stage; reduce 3d_fullres instead")
+        raise PlansError(f"{source_file}: configuration {configuration!r} is a cascade stage; "
+                         "reduce 3d_fullres instead")
     config.pop("inherits_from", None)
     config.pop("next_stage", None)
     config.update(patch_size=list(patch_size), batch_size=batch_size)

@@ -1,4 +1,7 @@
-"""nnU-Net v2 trainer with the study's lesion loss (SPEC section 1): 0.5 x soft nDSC (r = 0.001) + 1.0 x focal (gamma = 2)."""
+"""nnU-Net v2 trainer with the study's lesion loss (SPEC section 1).
+
+0.5 x soft normalized Dice (r = 0.001) + 1.0 x focal loss (gamma = 2, no alpha), see trainers/wml_loss.py.
+"""
 from __future__ import annotations
 
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
