@@ -55,12 +55,14 @@ class ExplainOutput:
         return self.folder / case / (method or self.method) / f"{int(instance_id):03d}_{channel}.nii.gz"
 
     def image_path(self, case: str, channel: str) -> Path | None:
-        """The input image of one channel (`<images>/<case>_<index:04d><ending>`), or None if it is not there."""
+        """The input image of one channel (`<images>/<case>_<index:04d><file_ending>`), or None if it is not there."""
         images = self.record.get("images")
         if not images or channel not in self.channels:
             return None
-        matches = sorted(Path(images).glob(f"{case}_{self.channels.index(channel):04d}.*"))
-        return matches[0] if matches else None
+        stem = f"{case}_{self.channels.index(channel):04d}"
+        ending = self.record.get("file_ending")
+        matches = [Path(images) / f"{stem}{ending}"] if ending else sorted(Path(images).glob(f"{stem}.*"))
+        return next((m for m in matches if m.is_file()), None)
 
     def flair_channel(self) -> str:
         """The channel named FLAIR (any case), else the first channel."""
@@ -116,12 +118,14 @@ def ordered_groups(groups: Iterable[str]) -> list[str]:
     return [g for g in GROUP_ORDER if g in present] + sorted(g for g in present if g not in GROUP_ORDER)
 
 
-def read_volume(path: Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
-    """Voxel array (nibabel order), voxel spacing in mm and affine of a NIfTI file."""
+def read_volume(path: Path, canonical: bool = False) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """Voxel array (nibabel order), voxel spacing in mm and affine of a NIfTI file; RAS-reoriented if `canonical`."""
     if not path.is_file():
         raise AnalysisInputError(f"{path}: missing")
     try:
         image = nib.load(path)
+        if canonical:
+            image = nib.as_closest_canonical(image)
         data = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel raises many types for damaged files
         raise AnalysisInputError(f"{path}: not a readable NIfTI image ({error})") from None

@@ -32,6 +32,8 @@ COMMANDS = {
     "trainers-path": "nnxai.cli.trainers:trainers_path",
     "evaluate": "nnxai.cli.evaluate:evaluate",
     "compare": "nnxai.cli.evaluate:compare",
+    "stats": "nnxai.cli.analysis:stats",
+    "report": "nnxai.cli.analysis:report",
 }
 
 

@@ -1,0 +1,69 @@
+"""`nnxai experiment rings`, `nnxai stats` and `nnxai report`: analyses of an explain output folder."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from nnxai.explain_output import AnalysisInputError, load_explain_output
+
+out_folder = click.argument("out", type=click.Path(path_type=Path))
+
+
+@contextmanager
+def input_errors() -> Iterator[None]:
+    """Bad input becomes a one-line click error and a non-zero exit."""
+    try:
+        yield
+    except AnalysisInputError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@click.command("rings")
+@out_folder
+@click.option("--max-mm", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Outermost shell, in mm from the lesion border.")
+@click.option("--method", default=None, help="Saliency method whose maps to read [default: the run's].")
+def rings(out: Path, max_mm: int, method: str | None) -> None:
+    """Saliency inside each instance and in 1 mm shells around it, per channel: OUT/rings.csv."""
+    from nnxai.rings import ring_table, write_rings
+
+    with input_errors():
+        output = load_explain_output(out)
+        path = write_rings(output, ring_table(output, max_mm, method, progress=True))
+    click.echo(f"Wrote {path}")
+
+
+@click.command("stats")
+@out_folder
+@click.option("--min-n", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Fewest members a group needs to be tested.")
+@click.option("--method", default=None, help="Saliency method whose peaks to compare [default: the run's].")
+def stats(out: Path, min_n: int, method: str | None) -> None:
+    """Peak saliency per channel across TP / FP / FN / synthetic lesions: OUT/stats.csv.
+
+    Kruskal-Wallis over all groups, pairwise Mann-Whitney U with Holm correction, Cliff's delta.
+    """
+    from nnxai.statistics import group_statistics, write_statistics
+
+    with input_errors():
+        output = load_explain_output(out)
+        table = group_statistics(output, min_n, method)
+        path = write_statistics(output, table)
+    click.echo(f"Wrote {path}")
+
+
+@click.command("report")
+@out_folder
+@click.option("--examples", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Gallery lesions per group.")
+@click.option("--method", default=None, help="Saliency method to show [default: the run's].")
+def report(out: Path, examples: int, method: str | None) -> None:
+    """One self-contained HTML report of all analyses: OUT/report/report.html (figures also as PNG)."""
+    from nnxai.report import write_report
+
+    with input_errors():
+        path = write_report(load_explain_output(out), examples, method)
+    click.echo(f"Wrote {path}")
