@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import sys
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -63,16 +64,16 @@ class CohortResult:
 
 
 def find_cases(images_dir: Path, file_ending: str, num_channels: int) -> dict[str, list[Path]]:
-    """Cases of an nnU-Net input folder (`CASE_XXXX<ending>`), sorted; a case may lack channels (checked later)."""
+    """Cases of an nnU-Net input folder (`CASE_XXXX<ending>`); a case may lack channels (checked later).
+
+    Sorted by case name as nnUNetv2_predict sorts them (not by file name: `a-1_0000` sorts before `a_0000`),
+    so that -num_parts/-part_id give the same parts.
+    """
     if not images_dir.is_dir():
         raise CaseError(f"{images_dir}: no such input folder")
-    cases: dict[str, list[Path]] = {}
-    for path in sorted(images_dir.glob(f"*_[0-9][0-9][0-9][0-9]{file_ending}")):
-        case = path.name[: -len(file_ending) - 5]
-        cases.setdefault(case, [])
-    for case in cases:
-        cases[case] = [images_dir / f"{case}_{channel:04d}{file_ending}" for channel in range(num_channels)]
-    return cases
+    names = {path.name[: -len(file_ending) - 5] for path in images_dir.glob(f"*_[0-9][0-9][0-9][0-9]{file_ending}")}
+    return {case: [images_dir / f"{case}_{channel:04d}{file_ending}" for channel in range(num_channels)]
+            for case in sorted(names)}
 
 
 def shard(cases: list[str], num_parts: int, part_id: int) -> list[str]:
@@ -228,8 +229,11 @@ def _replace_folder(staging: Path, final: Path) -> None:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write a text file through a temporary name so readers never see half of it."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write a text file through a temporary name so readers never see half of it.
+
+    The name holds host and process id: shards on several cluster nodes may write the same file at once.
+    """
+    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
 
@@ -243,6 +247,7 @@ def run_record(model: LoadedModel, settings: ExplainSettings, images_dir: Path, 
         except metadata.PackageNotFoundError:
             packages[name] = None
     return {"settings": asdict(settings), "model": model.describe(), "images": str(images_dir),
+            "file_ending": model.dataset_json["file_ending"],
             "ground_truth": str(gt_dir) if gt_dir else None, "channels": model.channel_names,
             "python": platform.python_version(), "packages": packages,
             "saliency_statistics_space": "network (preprocessed) space, one spacing for all cases"}
@@ -266,6 +271,18 @@ def collect_tables(out_dir: Path) -> pd.DataFrame:
     return pd.concat(non_empty, ignore_index=True) if non_empty else (tables[0] if tables else pd.DataFrame())
 
 
+def prepare_output_folder(out_dir: Path) -> None:
+    """Create the output folder and check that this process may write there, before any work is done."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CaseError(f"{out_dir}: exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CaseError(f"{out_dir}: cannot create the output folder ({error.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise CaseError(f"{out_dir}: output folder is not writable")
+
+
 def explain_cohort(model: LoadedModel, images_dir: Path, out_dir: Path, settings: ExplainSettings,
                    gt_dir: Path | None = None, num_parts: int = 1, part_id: int = 0, overwrite: bool = False,
                    device: str = "cpu", progress: bool = True) -> CohortResult:
@@ -274,9 +291,7 @@ def explain_cohort(model: LoadedModel, images_dir: Path, out_dir: Path, settings
         raise CaseError(f"unknown method {settings.method!r}; choose from {', '.join(METHODS)}")
     file_ending = model.dataset_json["file_ending"]
     cases = find_cases(images_dir, file_ending, len(model.channel_names))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise CaseError(f"{out_dir}: output folder is not writable")
+    prepare_output_folder(out_dir)
     record = run_record(model, settings, images_dir, gt_dir)
     _check_resumable(out_dir, record, overwrite)
     write_atomically(out_dir / RUN_RECORD, json.dumps(record, indent=2, default=str) + "\n")

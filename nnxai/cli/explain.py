@@ -1,12 +1,13 @@
 """`nnxai explain` (also installed as `nnUNetv2_explain`): nnUNetv2_predict's flags plus the explanation's."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 import torch
 
-from nnxai.explain import METHODS, CaseError, ExplainSettings, explain_cohort
+from nnxai.explain import METHODS, CaseError, ExplainSettings, explain_cohort, prepare_output_folder
 from nnxai.instances import CONNECTIVITIES, MATCHING_RULES
 from nnxai.model import load_model, model_folder
 
@@ -65,6 +66,13 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
     if part_id >= num_parts:
         raise click.UsageError(f"-part_id {part_id} must be smaller than -num_parts {num_parts}")
     device = resolve_device(device)
+    if model_dir is None and not os.environ.get("nnUNet_results"):
+        raise click.UsageError("-d needs the environment variable nnUNet_results (nnU-Net's trained models folder); "
+                               "set it, or give the model folder with -m")
+    try:
+        prepare_output_folder(out)
+    except CaseError as error:
+        raise click.ClickException(str(error)) from None
     folder = model_dir or model_folder(dataset, configuration, trainer, plans)
     model = load_model(folder, list(folds) or None, checkpoint, trust_checkpoint)
     settings = ExplainSettings(method=method, samples=samples, noise=noise, threshold=threshold, min_size=min_size,
