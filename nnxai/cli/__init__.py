@@ -32,6 +32,7 @@ COMMANDS = {
     "trainers-path": "nnxai.cli.trainers:trainers_path",
     "evaluate": "nnxai.cli.evaluate:evaluate",
     "compare": "nnxai.cli.evaluate:compare",
+    "merge": "nnxai.cli.merge:merge",
     "stats": "nnxai.cli.analysis:stats",
     "report": "nnxai.cli.analysis:report",
 }
