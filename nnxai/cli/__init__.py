@@ -29,12 +29,16 @@ class LazyGroup(click.Group):
 COMMANDS = {
     "convert": "nnxai.cli.convert:convert",
     "explain": "nnxai.cli.explain:explain",
+    "demo": "nnxai.cli.demo:demo",
     "trainers-path": "nnxai.cli.trainers:trainers_path",
     "evaluate": "nnxai.cli.evaluate:evaluate",
     "compare": "nnxai.cli.evaluate:compare",
+    "fpfilter": "nnxai.cli.fpfilter:fpfilter",
+    "experiment": "nnxai.cli.experiment:experiment",
     "merge": "nnxai.cli.merge:merge",
     "stats": "nnxai.cli.analysis:stats",
     "report": "nnxai.cli.analysis:report",
+    "sanity": "nnxai.cli.sanity:sanity",
 }
 
 

@@ -1,0 +1,155 @@
+"""`nnxai demo`: the whole study on built-in phantom data, stage by stage, resumable.
+
+phantom cohort -> nnU-Net planning and preprocessing -> small CPU plans -> short training with the
+study's trainer -> nnUNetv2_predict and lesion-wise evaluation -> explanations of every test lesion.
+Each finished stage leaves a marker, so a re-run continues after the last finished stage.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import torch
+
+from nnxai.environment import use_workspace
+
+DATASET_ID = 901
+DATASET_NAME = "MSPhantom"
+PLANS = "nnxaiCPUPlans"
+TRAINER = "nnUNetTrainerWMLShort"
+CONFIGURATION = "3d_fullres"
+FOLD = "0"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of the demo; `fast()` is the variant the end-to-end test runs."""
+
+    cases: int = 12
+    seed: int = 0
+    spacing: float = 2.0
+    patch_size: tuple[int, int, int] = (32, 32, 32)
+    features: tuple[int, ...] = (8, 16, 32, 64)
+    epochs: int = 10
+    iterations: int = 40
+    samples: int = 10
+    explain_cases: int = 2
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+
+    @classmethod
+    def fast(cls) -> "DemoSettings":
+        return cls(cases=5, epochs=2, iterations=10, samples=2, explain_cases=1)
+
+
+class Demo:
+    """The demo's folders and stages under one output folder."""
+
+    def __init__(self, out: Path, settings: DemoSettings):
+        self.out = out.resolve()
+        self.settings = settings
+        self.folders = use_workspace(self.out)
+        self.dataset = self.folders["nnUNet_raw"] / f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
+        self.predictions = self.out / "predictions"
+        self.explained = self.out / "explain"
+        self.markers = self.out / ".stages"
+
+    @property
+    def stages(self) -> list[tuple[str, Callable[[], None]]]:
+        return [("phantom cohort", self.make_cohort), ("plan and preprocess", self.plan),
+                ("train", self.train), ("predict", self.predict), ("evaluate", self.evaluate),
+                ("explain", self.explain)]
+
+    def run(self) -> None:
+        self.markers.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        for number, (name, stage) in enumerate(self.stages, start=1):
+            marker = self.markers / name.replace(" ", "_")
+            header = f"[{number}/{len(self.stages)}] {name}"
+            if marker.exists():
+                click.echo(f"{header}: done earlier, skipped")
+                continue
+            click.echo(f"{header} ...")
+            stage_start = time.time()
+            stage()
+            marker.touch()
+            click.echo(f"{header}: done in {time.time() - stage_start:.0f} s (total {time.time() - start:.0f} s)")
+
+    def nnunet(self, program: str, *args: str, **environment: str) -> None:
+        """Run one of nnU-Net's own commands from this environment, its output shown as it comes."""
+        executable = Path(sys.executable).with_name(program)
+        # two worker processes at most: nnU-Net otherwise starts one per core and more for augmentation
+        env = {"nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "2", **os.environ, "nnUNet_compile": "false",
+               **environment}
+        completed = subprocess.run([str(executable), *args], env=env)
+        if completed.returncode != 0:
+            raise click.ClickException(f"{program} failed with exit code {completed.returncode}")
+
+    def make_cohort(self) -> None:
+        from dataset_conversion.phantom import make_phantom_cohort
+
+        make_phantom_cohort(self.folders["nnUNet_raw"], self.settings.cases, self.settings.seed,
+                            self.settings.spacing, DATASET_ID, DATASET_NAME, progress=True)
+
+    def plan(self) -> None:
+        from nnxai.plans import write_small_plans
+
+        self.nnunet("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", "1",
+                    "--verify_dataset_integrity")
+        write_small_plans(DATASET_ID, PLANS, self.settings.patch_size, self.settings.features)
+        self.write_split()
+
+    def write_split(self) -> None:
+        """Fold 0 validates on every fifth training case (at least one), whatever the cohort size."""
+        from dataset_conversion.nnunet_raw import write_splits
+
+        cases = sorted(p.name.removesuffix(".nii.gz") for p in (self.dataset / "labelsTr").glob("*.nii.gz"))
+        validation = cases[::5]
+        write_splits(self.dataset.name, [{"train": [c for c in cases if c not in validation], "val": validation}])
+
+    def train(self) -> None:
+        self.nnunet("nnUNetv2_train", str(DATASET_ID), CONFIGURATION, FOLD, "-tr", TRAINER, "-p", PLANS,
+                    "-device", self.settings.device, NNXAI_EPOCHS=str(self.settings.epochs),
+                    NNXAI_ITERATIONS=str(self.settings.iterations))
+
+    def predict(self) -> None:
+        """nnU-Net's own prediction of the test cases (no mirroring, like the demo's explanations)."""
+        self.nnunet("nnUNetv2_predict", "-i", str(self.dataset / "imagesTs"), "-o", str(self.predictions),
+                    "-d", str(DATASET_ID), "-c", CONFIGURATION, "-tr", TRAINER, "-p", PLANS, "-f", FOLD,
+                    "-device", self.settings.device, "-npp", "1", "-nps", "1", "--disable_tta")
+
+    def evaluate(self) -> None:
+        from nnxai.evaluation import evaluate_folders, write_evaluation
+
+        evaluation = evaluate_folders(self.dataset / "labelsTs", self.predictions)
+        write_evaluation(evaluation, self.out / "evaluation.csv")
+        click.echo(evaluation.overall.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+    def explain(self) -> None:
+        from nnxai.explain import ExplainSettings, explain_cohort
+        from nnxai.model import load_model, model_folder
+
+        model = load_model(model_folder(str(DATASET_ID), CONFIGURATION, TRAINER, PLANS), [FOLD])
+        cases = self.explain_images()
+        settings = ExplainSettings(samples=self.settings.samples, use_mirroring=False)
+        result = explain_cohort(model, cases, self.explained, settings, self.dataset / "labelsTs",
+                                device=self.settings.device)
+        if result.failed:
+            raise click.ClickException(f"explain failed for {', '.join(result.failed)}")
+
+    def explain_images(self) -> Path:
+        """The test cases to explain: the first `explain_cases` of imagesTs, linked into one folder."""
+        folder = self.out / "explain_inputs"
+        folder.mkdir(exist_ok=True)
+        cases = sorted({p.name[:-12] for p in (self.dataset / "imagesTs").glob("*_0000.nii.gz")})
+        for case in cases[: self.settings.explain_cases]:
+            for source in (self.dataset / "imagesTs").glob(f"{case}_*.nii.gz"):
+                link = folder / source.name
+                if not link.exists():
+                    link.symlink_to(source)
+        return folder
