@@ -4,11 +4,20 @@ Every entry is evaluated with `nnxai.evaluation`; each metric gets a 95 % percen
 resampling cases with replacement. The same resampled case sets serve every entry (a paired bootstrap),
 so CIs of differences against the baseline (the first entry) come from the same replicates. Per-case
 differences are also tested with the Wilcoxon signed-rank test (p = 1 when all differences are zero).
+
+An entry may be an nnU-Net model folder (it has `fold_*` folders): it is predicted first with nnU-Net's own
+`nnUNetPredictor` on the given images, into a cache folder that is reused while model, images and settings
+stay the same (the weights are loaded with nnxai's safe checkpoint loader, not nnU-Net's full unpickling).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
+import shutil
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,30 +36,99 @@ CI_PERCENTILES = (2.5, 97.5)
 
 @dataclass(frozen=True)
 class Entry:
-    """One compared method: a name and a folder of its predicted masks."""
+    """One compared method: a name and a folder of its predicted masks, or an nnU-Net model folder."""
     name: str
     path: Path
+
+
+@dataclass(frozen=True)
+class ModelPrediction:
+    """How model-folder entries are predicted: input images, cache folder and nnU-Net's prediction settings."""
+    images_dir: Path
+    cache_dir: Path
+    device: str = "cpu"
+    step_size: float = 0.5
+    use_mirroring: bool = True
+    checkpoint_name: str = "checkpoint_final.pth"
+    trust_checkpoint: bool = False
+
+
+PREDICTION_RECORD = "nnxai_prediction.json"
 
 
 def parse_entry(text: str) -> Entry:
     """`NAME=FOLDER` -> Entry."""
     name, separator, path = text.partition("=")
     if not separator or not name.strip() or not path:
-        raise EvaluationInputError(f"{text!r}: expected NAME=PRED_DIR")
+        raise EvaluationInputError(f"{text!r}: expected NAME=PRED_DIR or NAME=MODEL_DIR")
     if not Path(path).is_dir():
         raise EvaluationInputError(f"{path}: not a folder (entry {name.strip()})")
     return Entry(name.strip(), Path(path))
 
 
-def predictions_folder(entry: Entry) -> Path:
-    """The folder of predicted masks an entry stands for.
+def is_model_folder(path: Path) -> bool:
+    """nnU-Net model folders hold `fold_*` folders; prediction folders do not."""
+    return any(p.is_dir() for p in Path(path).glob("fold_*"))
 
-    This is where a model folder will be predicted with nnU-Net first; for now one is refused with a hint.
+
+def predictions_folder(entry: Entry, prediction: ModelPrediction | None = None, progress: bool = False) -> Path:
+    """The folder of predicted masks an entry stands for; a model folder is predicted into the cache first."""
+    if not is_model_folder(entry.path):
+        return entry.path
+    if prediction is None:
+        raise EvaluationInputError(f"{entry.path}: an nnU-Net model folder (has fold_*); give the images to "
+                                   f"predict (--images) or a folder of predictions (entry {entry.name})")
+    return predict_model_folder(entry, prediction, progress)
+
+
+def predict_model_folder(entry: Entry, prediction: ModelPrediction, progress: bool = False) -> Path:
+    """Predict every case of `prediction.images_dir` with the entry's model into `cache_dir/<name>/`.
+
+    The folder appears complete or not at all, and is reused while its record (model identity with
+    checkpoint hashes, input files with sizes and times, settings) is unchanged.
     """
-    if any(p.is_dir() for p in entry.path.glob("fold_*")):
-        raise EvaluationInputError(f"{entry.path}: looks like an nnU-Net model folder (has fold_*); predict with "
-                                   f"nnUNetv2_predict first and pass the output folder (entry {entry.name})")
-    return entry.path
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnxai.explain import CaseError, check_channels, find_cases
+    from nnxai.model import load_model
+
+    model = load_model(entry.path, None, prediction.checkpoint_name, prediction.trust_checkpoint)
+    images_dir = Path(prediction.images_dir)
+    ending = model.dataset_json["file_ending"]
+    try:
+        cases = find_cases(images_dir, ending, len(model.channel_names))
+        for files in cases.values():
+            check_channels(files)
+    except CaseError as error:
+        raise EvaluationInputError(f"{error} (entry {entry.name})") from None
+    if not cases:
+        raise EvaluationInputError(f"{images_dir}: no input images CASE_0000{ending} (entry {entry.name})")
+    record = {"model": model.describe(), "images": str(images_dir.resolve()),
+              "inputs": {Path(f).name: [f.stat().st_size, f.stat().st_mtime_ns] for fs in cases.values() for f in fs},
+              "settings": {k: v for k, v in asdict(prediction).items() if k in ("step_size", "use_mirroring")}}
+    record = json.loads(json.dumps(record, default=str))
+    target = Path(prediction.cache_dir) / entry.name
+    if (target / PREDICTION_RECORD).is_file() and json.loads((target / PREDICTION_RECORD).read_text()) == record:
+        return target
+    predictor = nnUNetPredictor(tile_step_size=prediction.step_size, use_mirroring=prediction.use_mirroring,
+                                perform_everything_on_device=prediction.device == "cuda",
+                                device=torch.device(prediction.device), allow_tqdm=progress)
+    # each fold's own copy of the weights: the predictor loads them one after another into a single network
+    predictor.manual_initialization(copy.deepcopy(model.networks[0]), model.plans_manager,
+                                    model.configuration_manager,
+                                    [copy.deepcopy(network.state_dict()) for network in model.networks],
+                                    model.dataset_json, model.trainer_name, model.mirror_axes)
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's progress prints stay off the report
+        predictor.predict_from_files_sequential([[str(f) for f in files] for files in cases.values()],
+                                                str(staging), save_probabilities=False, overwrite=True)
+    (staging / PREDICTION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
 
 
 def bootstrap_indices(n_cases: int, n_bootstrap: int, seed: int) -> np.ndarray:
@@ -131,28 +209,40 @@ def summarize(per_case_by_entry: dict[str, pd.DataFrame], n_bootstrap: int, seed
     return pd.DataFrame(rows), pd.DataFrame(differences)
 
 
+def compare_tables(per_case_by_entry: dict[str, pd.DataFrame], pairings: dict[str, CasePairing],
+                   options: InstanceOptions = InstanceOptions(), n_bootstrap: int = 2000, seed: int = 0
+                   ) -> Comparison:
+    """Compare entries from their per-case tables (counts and metrics, a `case` column), on their common cases."""
+    names = list(per_case_by_entry)
+    common = sorted(set.intersection(*(set(table["case"]) for table in per_case_by_entry.values())))
+    if not common:
+        raise EvaluationInputError(f"no case is evaluated for every entry ({', '.join(names)})")
+    per_case_by_entry = {name: table.set_index("case").loc[common].reset_index()
+                         for name, table in per_case_by_entry.items()}
+    metrics, differences = summarize(per_case_by_entry, n_bootstrap, seed)
+    per_case = pd.concat([table.assign(entry=name) for name, table in per_case_by_entry.items()], ignore_index=True)
+    per_case = per_case[["entry", *per_case.columns.drop("entry")]]
+    return Comparison(names, per_case, metrics, differences, pairings, options, n_bootstrap, seed)
+
+
 def compare_entries(gt_dir: Path, entries: Sequence[Entry], options: InstanceOptions = InstanceOptions(),
                     n_bootstrap: int = 2000, seed: int = 0, only_common: bool = False,
-                    file_ending: str | None = None, progress: bool = False) -> Comparison:
-    """Evaluate every entry against `gt_dir` and compare them on the cases they all have."""
+                    file_ending: str | None = None, progress: bool = False,
+                    prediction: ModelPrediction | None = None) -> Comparison:
+    """Evaluate every entry against `gt_dir` and compare them on the cases they all have.
+
+    Model-folder entries are predicted first as `prediction` says (refused when it is None).
+    """
     names = [entry.name for entry in entries]
     if len(entries) < 2:
         raise EvaluationInputError("compare needs at least two entries NAME=PRED_DIR (the first is the baseline)")
     if len(set(names)) != len(names):
         raise EvaluationInputError(f"entry names must be unique, got {', '.join(names)}")
-    folders = {entry.name: predictions_folder(entry) for entry in entries}
+    folders = {entry.name: predictions_folder(entry, prediction, progress) for entry in entries}
     evaluations = {name: evaluate_folders(gt_dir, folder, options, only_common, file_ending, progress)
                    for name, folder in folders.items()}
-    common = sorted(set.intersection(*(set(e.per_case["case"]) for e in evaluations.values())))
-    if not common:
-        raise EvaluationInputError(f"{gt_dir}: no case is predicted by every entry")
-    per_case_by_entry = {name: e.per_case.set_index("case").loc[common].reset_index()
-                         for name, e in evaluations.items()}
-    metrics, differences = summarize(per_case_by_entry, n_bootstrap, seed)
-    per_case = pd.concat([table.assign(entry=name) for name, table in per_case_by_entry.items()], ignore_index=True)
-    per_case = per_case[["entry", *per_case.columns.drop("entry")]]
-    return Comparison(names, per_case, metrics, differences, {n: e.pairing for n, e in evaluations.items()},
-                      options, n_bootstrap, seed)
+    return compare_tables({name: e.per_case for name, e in evaluations.items()},
+                          {name: e.pairing for name, e in evaluations.items()}, options, n_bootstrap, seed)
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -160,7 +250,7 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
-def _with_ci(value: float, low: float, high: float) -> str:
+def with_ci(value: float, low: float, high: float) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
@@ -175,7 +265,7 @@ def comparison_markdown(comparison: Comparison) -> str:
              f"seed {comparison.seed}); mean_over_cases = mean of per-case values, pooled = from counts summed "
              "over cases (counts: totals).", ""]
     lines += _markdown_table(["metric", "aggregate", *names], [
-        [row["metric"], row["aggregate"], *(_with_ci(row[n], row[f"{n}_ci_low"], row[f"{n}_ci_high"]) for n in names)]
+        [row["metric"], row["aggregate"], *(with_ci(row[n], row[f"{n}_ci_low"], row[f"{n}_ci_high"]) for n in names)]
         for _, row in comparison.metrics.iterrows()])
     lines += ["", f"## Per-case differences against {comparison.baseline}", "",
               "Mean of per-case differences (entry - baseline) with 95% bootstrap CI; two-sided Wilcoxon "
@@ -184,7 +274,7 @@ def comparison_markdown(comparison: Comparison) -> str:
     header = ["metric"] + [part for n in names[1:] for part in (f"{n} - {comparison.baseline}", f"p ({n})")]
     lines += _markdown_table(header, [
         [metric] + [part for n in names[1:] for part in (
-            _with_ci(*table.loc[(metric, n), ["mean_difference", "ci_low", "ci_high"]]),
+            with_ci(*table.loc[(metric, n), ["mean_difference", "ci_low", "ci_high"]]),
             f"{table.loc[(metric, n), 'wilcoxon_p']:.3g}")]
         for metric in COMPARED_METRICS])
     return "\n".join(lines) + "\n"

@@ -1,13 +1,18 @@
-"""Comparison: bootstrap CIs, paired differences with Wilcoxon p, outputs, bad input."""
+"""Comparison: bootstrap CIs, paired differences with Wilcoxon p, outputs, model-folder entries, bad input."""
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+import torch
 from click.testing import CliRunner
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnxai.cli import main
-from nnxai.comparison import Entry, compare_entries, parse_entry, summarize, wilcoxon_p
-from nnxai.evaluation import COUNT_COLUMNS, EvaluationInputError, overall_table, with_metrics
+from nnxai.comparison import Entry, ModelPrediction, compare_entries, parse_entry, summarize, wilcoxon_p
+from nnxai.evaluation import COUNT_COLUMNS, EvaluationInputError, evaluate_folders, overall_table, with_metrics
+from tests.fake_model import write_case, write_model_folder
 
 
 def per_case_table(*cases: dict) -> pd.DataFrame:
@@ -139,3 +144,76 @@ def test_compare_missing_case_fails_unless_only_common(folders, tmp_path):
     assert result.exit_code == 0, result.output
     assert "new: not evaluated: 1 case(s) only in ground truth: c" in result.output
     assert sorted(pd.read_csv(out / "per_case.csv")["case"].unique()) == ["a", "b"]
+
+
+@pytest.fixture(scope="module")
+def model_cohort(tmp_path_factory):
+    """A two-fold tiny nnU-Net model folder and two oblique, anisotropic cases with their labels."""
+    root = tmp_path_factory.mktemp("model_compare")
+    write_model_folder(root / "model")
+    # fold 1: fold 0 with a higher lesion bias, so that the two-fold ensemble differs from either fold
+    checkpoint = torch.load(root / "model" / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    bias = next(k for k in checkpoint["network_weights"] if "seg_layers" in k and k.endswith("bias"))
+    checkpoint["network_weights"][bias] = checkpoint["network_weights"][bias] + torch.tensor([-1.0, 1.0])
+    checkpoint["init_args"]["fold"] = 1
+    (root / "model" / "fold_1").mkdir()
+    torch.save(checkpoint, root / "model" / "fold_1" / "checkpoint_final.pth")
+    for i in range(2):
+        write_case(root / "images", f"case_{i}", seed=i, labels_dir=root / "labels")
+    return root
+
+
+def test_compare_predicts_model_folders_with_nnunet(model_cohort, tmp_path):
+    root = model_cohort
+    prediction = ModelPrediction(root / "images", tmp_path / "cache", use_mirroring=False)
+    entries = [Entry("model", root / "model"), Entry("truth", root / "labels")]
+    comparison = compare_entries(root / "labels", entries, n_bootstrap=100, prediction=prediction)
+    cached = tmp_path / "cache" / "model"
+    # nnU-Net's own predictor, loading the same two folds itself, gives the same masks
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(root / "model"), (0, 1))
+    (tmp_path / "reference").mkdir()
+    predictor.predict_from_files_sequential(str(root / "images"), str(tmp_path / "reference"))
+    for case in ("case_0", "case_1"):
+        ours = sitk.ReadImage(str(cached / f"{case}.nii.gz"))
+        reference = sitk.ReadImage(str(tmp_path / "reference" / f"{case}.nii.gz"))
+        source = sitk.ReadImage(str(root / "images" / f"{case}_0000.nii.gz"))
+        assert np.array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(reference))
+        assert sitk.GetArrayFromImage(ours).sum() > 50
+        assert ours.GetSize() == source.GetSize() and np.allclose(ours.GetDirection(), source.GetDirection())
+    per_case = comparison.per_case.set_index(["entry", "case"])
+    assert (per_case.loc["truth", "lesion_f1"] == 1.0).all()
+    expected = evaluate_folders(root / "labels", cached).per_case.set_index("case")
+    pd.testing.assert_frame_equal(per_case.loc["model"][expected.columns], expected)
+
+    record = (cached / "nnxai_prediction.json").stat().st_mtime_ns
+    compare_entries(root / "labels", entries, n_bootstrap=100, prediction=prediction)
+    assert (cached / "nnxai_prediction.json").stat().st_mtime_ns == record  # reused
+    image = root / "images" / "case_1_0001.nii.gz"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    compare_entries(root / "labels", entries, n_bootstrap=100, prediction=prediction)
+    assert (cached / "nnxai_prediction.json").stat().st_mtime_ns != record  # an input changed: predicted again
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["model"]
+
+
+def test_compare_cli_with_a_model_folder(model_cohort, tmp_path):
+    root = model_cohort
+    arguments = ["compare", "--gt", str(root / "labels"), f"model={root / 'model'}", f"truth={root / 'labels'}",
+                 "-o", str(tmp_path / "out"), "--bootstrap", "100"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code != 0 and "give the images to predict (--images)" in result.output
+    result = CliRunner().invoke(main, [*arguments, "--images", str(root / "images"), "-device", "cpu",
+                                       "--disable-tta"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out" / "predictions" / "model").glob("*.nii.gz")) == [
+        "case_0.nii.gz", "case_1.nii.gz"]
+    assert "| lesion_f1 | mean_over_cases |" in (tmp_path / "out" / "comparison.md").read_text()
+
+
+def test_model_folder_without_images_is_refused(model_cohort, tmp_path):
+    (tmp_path / "empty").mkdir()
+    prediction = ModelPrediction(tmp_path / "empty", tmp_path / "cache")
+    with pytest.raises(EvaluationInputError, match=r"empty: no input images CASE_0000.nii.gz \(entry model\)"):
+        compare_entries(model_cohort / "labels", [Entry("model", model_cohort / "model"),
+                                                  Entry("truth", model_cohort / "labels")], prediction=prediction)
+    assert not (tmp_path / "cache").exists()

@@ -85,20 +85,46 @@ def evaluate(gt_dir: Path, pred_dir: Path, output: Path | None, connectivity: st
 @click.option("--bootstrap", "n_bootstrap", type=click.IntRange(min=100), default=2000, show_default=True,
               help="Bootstrap replicates (cases resampled with replacement) for the 95% CIs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
+@click.option("--images", "images_dir", type=existing_folder,
+              help="nnU-Net input folder (CASE_0000.nii.gz, ...) to predict model-folder entries on.")
+@click.option("-device", "--device", "device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
+              help="Device for predicting model-folder entries [default: cuda if available, else cpu].")
+@click.option("--disable-tta", is_flag=True, help="Predict model folders without mirroring (faster).")
+@click.option("-step_size", "--step-size", "step_size", type=click.FloatRange(0, 1, min_open=True), default=0.5,
+              show_default=True, help="Sliding-window step for model folders, as a fraction of the patch size.")
+@click.option("-chk", "--checkpoint", "checkpoint", default="checkpoint_final.pth", show_default=True,
+              help="Checkpoint file name in the model folders' fold_* folders.")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow checkpoints holding arbitrary Python objects (runs their code: trusted sources only).")
 @instance_options
-def compare(gt_dir: Path, entries: tuple[str, ...], output: Path, n_bootstrap: int, seed: int, connectivity: str,
-            min_size: int, rule: str, iou_threshold: float, file_ending: str | None, only_common: bool) -> None:
-    """Compare prediction folders, given as NAME=PRED_DIR, against GT; the first entry is the baseline.
+def compare(gt_dir: Path, entries: tuple[str, ...], output: Path, n_bootstrap: int, seed: int,
+            images_dir: Path | None, device: str | None, disable_tta: bool, step_size: float, checkpoint: str,
+            trust_checkpoint: bool, connectivity: str, min_size: int, rule: str, iou_threshold: float,
+            file_ending: str | None, only_common: bool) -> None:
+    """Compare entries NAME=PRED_DIR or NAME=MODEL_DIR against GT; the first entry is the baseline.
 
+    A model folder (nnU-Net results folder with fold_*) is first predicted with nnU-Net on --images into
+    OUTPUT/predictions/NAME (reused on later runs while model, images and settings are unchanged).
     Writes each metric with its 95% bootstrap CI side by side, and per-case differences against the
     baseline with their CI and Wilcoxon signed-rank p.
     """
-    from nnxai.comparison import compare_entries, parse_entry, write_comparison  # scipy + matplotlib: load on use
+    from nnxai.comparison import (ModelPrediction, compare_entries, parse_entry,  # scipy + matplotlib: load on use
+                                  write_comparison)
 
+    prediction = None
+    if images_dir is not None:
+        import torch
+
+        from nnxai.cli.explain import resolve_device
+
+        device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        prediction = ModelPrediction(images_dir, output / "predictions", device, step_size, not disable_tta,
+                                     checkpoint, trust_checkpoint)
     with input_errors():
         parsed = [parse_entry(text) for text in entries]
         comparison = compare_entries(gt_dir, parsed, build_options(connectivity, min_size, rule, iou_threshold),
-                                     n_bootstrap, seed, only_common, file_ending, progress=True)
+                                     n_bootstrap, seed, only_common, file_ending, progress=True,
+                                     prediction=prediction)
         for name, pairing in comparison.pairings.items():
             report_pairing(pairing, name)
         written = write_comparison(comparison, output)
