@@ -1,38 +1,43 @@
 """Per-instance saliency features: shells in mm, first-order statistics by hand, folder reading and bad input."""
+import json
 import math
 
 import numpy as np
 import pytest
 
 from nnxai.features import (FeatureError, feature_columns, first_order_statistics, instance_features,
-                            shell_mask)
-from tests.fake_explain import write_case_output, write_run
+                            instance_regions)
+from tests.fake_explain import FakeInstance, save, write_filter_output
 
-SPACING = (3.0, 1.0, 0.8)  # mm along the array axes (z, y, x)
-CENTRE = (1, 2, 3)
-
-
-def single_voxel(shape=(3, 5, 7)):
-    mask = np.zeros(shape, dtype=bool)
-    mask[CENTRE] = True
-    return mask
+SPACING = (0.8, 1.0, 3.0)  # mm along the array axes (nibabel order: x, y, z)
+SHAPE = (7, 5, 3)
+CENTRE = (3, 2, 1)
 
 
-def test_shell_is_in_millimetres():
-    shell = shell_mask(single_voxel(), SPACING, 2.0)
+def labels_with(*voxels):
+    labels = np.zeros(SHAPE, dtype=np.uint16)
+    for instance_id, voxel in enumerate(voxels, start=1):
+        labels[voxel] = instance_id
+    return labels
+
+
+def test_shell_is_in_millimetres_and_leaves_other_instances_out():
+    inside, shell = instance_regions(labels_with(CENTRE), 1, SPACING, 2)
+    assert inside.sum() == 1 and inside[CENTRE]
     # Within 2 mm of the centre voxel: x offsets 1, 2 (0.8, 1.6 mm), y offsets 1, 2 (1, 2 mm), the four
-    # (y 1, x 1) diagonals (1.28 mm) and the four (y 1, x 2) ones (1.89 mm); (y 2, x 1) is 2.15 mm and any
-    # z step is 3 mm.
+    # (x 1, y 1) diagonals (1.28 mm) and the four (x 2, y 1) ones (1.89 mm); (x 1, y 2) is 2.15 mm away and
+    # any z step 3 mm.
     offsets = {tuple(int(v) for v in np.subtract(index, CENTRE)) for index in np.argwhere(shell)}
-    expected = {(0, 0, dx) for dx in (-2, -1, 1, 2)} | {(0, dy, 0) for dy in (-2, -1, 1, 2)} | {
-        (0, dy, dx) for dy in (-1, 1) for dx in (-2, -1, 1, 2)}
+    expected = {(dx, 0, 0) for dx in (-2, -1, 1, 2)} | {(0, dy, 0) for dy in (-2, -1, 1, 2)} | {
+        (dx, dy, 0) for dy in (-1, 1) for dx in (-2, -1, 1, 2)}
     assert offsets == expected
+    _, shell = instance_regions(labels_with(CENTRE, (4, 2, 1)), 1, SPACING, 2)
+    assert shell.sum() == 15 and not shell[4, 2, 1]  # the neighbouring instance's voxel is not tissue around it
 
 
 def test_first_order_statistics_by_hand():
     # four -1 and twelve 0: a Bernoulli(1/4) variable, negated
-    values = np.array([-1.0] * 4 + [0.0] * 12)
-    result = first_order_statistics(values)
+    result = first_order_statistics(np.array([-1.0] * 4 + [0.0] * 12))
     assert result == pytest.approx({"mean": -0.25, "std": math.sqrt(0.1875), "median": 0.0, "p10": -1.0,
                                     "p90": 0.0, "skewness": -2 / math.sqrt(3), "kurtosis": -2 / 3,
                                     "peak_pos": 0.0, "peak_neg": -1.0})
@@ -42,52 +47,50 @@ def test_first_order_statistics_by_hand():
         first_order_statistics(np.array([]))
 
 
-def hand_built_case(out_dir, gradcampp=False):
-    """Case 'c1': instance 1 one voxel (TP), instance 2 a 2-voxel FP, instance 3 an FN lesion."""
-    instances = single_voxel().astype(np.uint16)
-    instances[0, 0, 0:2] = 2
-    instances[2, 4, 6] = 3
-    shell = shell_mask(instances == 1, SPACING, 2.0)
-    flair = np.zeros(instances.shape)
-    flair[instances == 1] = 5.0
-    flair[1, 2, [1, 2, 4, 5]] = -1.0  # the four x neighbours in the shell
-    flair[1, 2, 6] = 100.0  # 2.4 mm away: outside the shell
-    flair[0, 2, 3] = 100.0  # 3 mm away along z: outside too
-    flair[0, 2, 1] = -3.0  # outside instance 1's shell; exactly 2 mm from instance 2's voxel (0, 0, 1)
-    assert shell.sum() == 16
-    t1 = np.full(instances.shape, 0.5)
-    maps = {1: {"FLAIR": flair, "T1": t1}, 2: {"FLAIR": -flair, "T1": t1}}
-    write_run(out_dir)
-    cam = {1: flair.clip(min=0), 2: np.ones(instances.shape)} if gradcampp else None
-    return write_case_output(out_dir, "c1", instances, {1: "TP", 2: "FP", 3: "FN"}, maps, SPACING,
-                             probabilities={1: 0.8, 2: 0.6}, gradcampp=cam)
+def hand_built_output(out, gradcampp=False):
+    """Case 'c1': instance 1 one voxel (TP), instance 2 two voxels (FP), instance 3 an FN lesion."""
+    labels = labels_with(CENTRE)
+    labels[0:2, 0, 0] = 2
+    labels[6, 4, 2] = 3
+    flair = np.zeros(SHAPE)
+    flair[CENTRE] = 5.0
+    flair[[1, 2, 4, 5], 2, 1] = -1.0  # the four x neighbours in instance 1's shell
+    flair[6, 2, 1] = 100.0  # 2.4 mm away: outside the shell
+    flair[3, 2, 0] = 100.0  # 3 mm away along z: outside too
+    flair[1, 2, 0] = -3.0  # outside instance 1's shell; exactly 2 mm from instance 2's voxel (1, 0, 0)
+    t1 = np.full(SHAPE, 0.5)
+    instances = [FakeInstance(1, "TP", labels == 1, {"FLAIR": flair, "T1": t1}),
+                 FakeInstance(2, "FP", labels == 2, {"FLAIR": -flair, "T1": t1}),
+                 FakeInstance(3, "FN", labels == 3, {"FLAIR": t1, "T1": t1})]
+    cam = {("c1", 1): flair.clip(min=0), ("c1", 2): np.ones(SHAPE)} if gradcampp else None
+    return write_filter_output(out, {"c1": instances}, SPACING, {("c1", 1): 0.8, ("c1", 2): 0.6}, cam)
 
 
 def test_features_of_a_hand_built_case(tmp_path):
-    hand_built_case(tmp_path)
+    hand_built_output(tmp_path)
     table = instance_features(tmp_path)
     assert list(table.columns) == ["case", "instance_id", "group", *feature_columns(["FLAIR", "T1"])]
     assert table[["case", "instance_id", "group"]].values.tolist() == [["c1", 1, "TP"], ["c1", 2, "FP"]]
     first = table.iloc[0]
     assert first["smoothgrad_FLAIR_inside_mean"] == first["smoothgrad_FLAIR_inside_peak_pos"] == 5.0
+    # shell: the four -1 and twelve 0 of the statistics test; the 100s lie beyond 2 mm
     assert first["smoothgrad_FLAIR_shell_mean"] == pytest.approx(-0.25)
-    assert first["smoothgrad_FLAIR_shell_peak_pos"] == 0.0  # the 100s lie beyond 2 mm
-    assert first["smoothgrad_FLAIR_shell_peak_neg"] == -1.0
+    assert first["smoothgrad_FLAIR_shell_peak_pos"] == 0.0 and first["smoothgrad_FLAIR_shell_peak_neg"] == -1.0
     assert first["smoothgrad_FLAIR_shell_skewness"] == pytest.approx(-2 / math.sqrt(3))
     assert first["smoothgrad_T1_shell_std"] == 0.0 and first["smoothgrad_T1_inside_mean"] == 0.5
-    assert first["log_volume_mm3"] == pytest.approx(math.log(3.0 * 1.0 * 0.8))
+    assert first["log_volume_mm3"] == pytest.approx(math.log(0.8 * 1.0 * 3.0))
     assert first["mean_probability"] == 0.8
     second = table.iloc[1]
     assert second["log_volume_mm3"] == pytest.approx(math.log(2 * 2.4))
-    # instance 2 (x = 0, 1 of row (0, 0)) has -flair as its map: its shell holds the 3 at (0, 2, 1), exactly
-    # 2 mm away, but not the -100 at (0, 2, 3), 2.56 mm away.
+    # instance 2 has -flair as its map: its shell holds the 3 at (1, 2, 0), exactly 2 mm away, but not the
+    # -100 at (3, 2, 0), 2.56 mm away
     assert second["smoothgrad_FLAIR_shell_peak_pos"] == 3.0 and second["smoothgrad_FLAIR_shell_peak_neg"] == 0.0
-    assert second["smoothgrad_FLAIR_inside_mean"] == 0.0
+    assert second["smoothgrad_FLAIR_inside_mean"] == 0.0 and second["mean_probability"] == 0.6
     assert not table.isna().any().any()
 
 
 def test_gradcampp_features_when_maps_present(tmp_path):
-    hand_built_case(tmp_path, gradcampp=True)
+    hand_built_output(tmp_path, gradcampp=True)
     table = instance_features(tmp_path)
     assert list(table.columns)[3:] == feature_columns(["FLAIR", "T1"], gradcampp=True)
     assert table["gradcampp_inside_mean"].tolist() == [5.0, 1.0]
@@ -95,8 +98,8 @@ def test_gradcampp_features_when_maps_present(tmp_path):
 
 
 def test_missing_gradcampp_map_is_named(tmp_path):
-    case_dir = hand_built_case(tmp_path, gradcampp=True)
-    (case_dir / "gradcampp" / "002.nii.gz").unlink()
+    hand_built_output(tmp_path, gradcampp=True)
+    (tmp_path / "c1" / "gradcampp" / "002.nii.gz").unlink()
     with pytest.raises(FeatureError, match=r"c1/gradcampp/002.nii.gz: missing"):
         instance_features(tmp_path)
 
@@ -104,11 +107,14 @@ def test_missing_gradcampp_map_is_named(tmp_path):
 def test_bad_folders(tmp_path):
     with pytest.raises(FeatureError, match="not an nnxai explain output folder"):
         instance_features(tmp_path)
-    case_dir = hand_built_case(tmp_path)
-    write_case_output(tmp_path, "c2", single_voxel()[:2].astype(np.uint16), {1: "TP"},
-                      {1: {"FLAIR": np.zeros((2, 5, 7)), "T1": np.zeros((3, 5, 7))}})
-    with pytest.raises(FeatureError, match=r"c2/smoothgrad/001_T1.nii.gz: shape \(3, 5, 7\) differs"):
+    hand_built_output(tmp_path)
+    save(np.zeros((7, 5, 2), np.float32), tmp_path / "c1" / "smoothgrad" / "001_T1.nii.gz", SPACING)
+    with pytest.raises(FeatureError, match=r"c1/smoothgrad/001_T1.nii.gz: grid \(7, 5, 2\)"):
         instance_features(tmp_path)
-    (case_dir / "smoothgrad" / "001_FLAIR.nii.gz").write_bytes(b"not an image")
-    with pytest.raises(FeatureError, match="001_FLAIR.nii.gz: not a readable image"):
+    (tmp_path / "c1" / "smoothgrad" / "001_FLAIR.nii.gz").write_bytes(b"not an image")
+    with pytest.raises(FeatureError, match="001_FLAIR.nii.gz: not a readable NIfTI image"):
+        instance_features(tmp_path)
+    record = json.loads((tmp_path / "run.json").read_text())
+    (tmp_path / "run.json").write_text(json.dumps({**record, "channels": "FLAIR"}))
+    with pytest.raises(FeatureError, match="run.json: no list of channels"):
         instance_features(tmp_path)
