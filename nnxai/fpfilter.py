@@ -62,7 +62,7 @@ def make_pipeline(classifier: str = "logistic", C: float = 1.0, seed: int = 0) -
     return Pipeline([("scale", StandardScaler()), ("classify", model)])
 
 
-def cohort_features(out_dirs: list[Path], shell_mm: float = DEFAULT_SHELL_MM, progress: bool = False) -> pd.DataFrame:
+def cohort_features(out_dirs: list[Path], shell_mm: int = DEFAULT_SHELL_MM, progress: bool = False) -> pd.DataFrame:
     """The feature tables of several explain output folders, which must have the same feature columns."""
     tables = []
     for out_dir in out_dirs:
@@ -175,7 +175,7 @@ class FPFilter:
     """A trained false-positive filter: the fitted pipeline and everything needed to apply it the same way."""
     pipeline: Pipeline
     feature_columns: list[str]
-    shell_mm: float
+    shell_mm: int
     threshold: float
     classifier: str
     cross_validation: dict
@@ -226,7 +226,7 @@ class Training:
 
 def train_filter(features: pd.DataFrame, case_to_patient: dict[str, str] | None = None,
                  classifier: str = "logistic", C: float = 1.0, n_folds: int = 5, seed: int = 0,
-                 threshold: float = DEFAULT_THRESHOLD, shell_mm: float = DEFAULT_SHELL_MM,
+                 threshold: float = DEFAULT_THRESHOLD, shell_mm: int = DEFAULT_SHELL_MM,
                  trained_on: list[str] | None = None) -> Training:
     """Cross-validate, then fit on all TP and FP instances of a feature table."""
     known, y = training_labels(features)

@@ -42,11 +42,11 @@ def fpfilter() -> None:
               help="Cross-validation folds (at most the number of patients).")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="P(FP) above which `apply` removes an instance (stored in the model).")
-@click.option("--shell-mm", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+@click.option("--shell-mm", type=click.IntRange(min=1), default=2, show_default=True,
               help="Width of the shell around each instance whose saliency statistics are features.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fold assignment and classifier.")
 def train(out_dirs: tuple[Path, ...], output: Path, patients: Path | None, classifier: str, C: float, folds: int,
-          threshold: float, shell_mm: float, seed: int) -> None:
+          threshold: float, shell_mm: int, seed: int) -> None:
     """Train on the TP and FP instances of explain output folders OUT... (explained with --gt)."""
     from nnxai.evaluation import write_atomically
     from nnxai.fpfilter import cohort_features, read_patients, train_filter
