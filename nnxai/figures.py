@@ -168,8 +168,11 @@ VIEWS = (("axial", 2, 0, 1, "LRPA"), ("coronal", 1, 0, 2, "LRIS"), ("sagittal", 
 
 def lesion_slices(image: np.ndarray | None, saliency: np.ndarray, mask: np.ndarray, spacing: tuple[float, ...],
                   title: str) -> Figure:
-    """Axial, coronal and sagittal slices through a lesion: image in grey, saliency (diverging colours centred at 0,
-    values below 5% of the largest magnitude transparent) and the instance contour. Arrays are RAS oriented."""
+    """Axial, coronal and sagittal slices through a lesion (arrays RAS oriented), the instance contour in gold.
+
+    Top row: the image alone, so the lesion itself stays visible; bottom row: the saliency over it (diverging
+    colours centred at 0, values below 5% of the largest magnitude transparent).
+    """
     points = np.argwhere(mask)
     centre = points[np.argmin(((points - points.mean(axis=0)) ** 2).sum(axis=1))]
     box = tuple(slice(max(c - int(np.ceil(GALLERY_HALF_WIDTH_MM / s)), 0),
@@ -178,32 +181,36 @@ def lesion_slices(image: np.ndarray | None, saliency: np.ndarray, mask: np.ndarr
     limit = float(np.abs(saliency[box]).max()) or 1.0
     background = np.zeros(mask.shape) if image is None else image
     low, high = np.percentile(background[box], [1, 99]) if image is not None else (0.0, 1.0)
-    figure = Figure(figsize=(10.5, 3.6), layout="constrained")
-    axes = figure.subplots(1, 3)
-    for axis, (name, cut, horizontal, vertical, letters) in zip(axes, VIEWS):
-        section = [box[0], box[1], box[2]]
+    figure = Figure(figsize=(9.5, 6.4), layout="constrained")
+    axes = figure.subplots(2, 3)
+    for column, (name, cut, horizontal, vertical, letters) in enumerate(VIEWS):
+        section = list(box)
         section[cut] = centre[cut]
         section = tuple(section)
         h, v = box[horizontal], box[vertical]
         extent = ((h.start - 0.5) * spacing[horizontal], (h.stop - 0.5) * spacing[horizontal],
                   (v.start - 0.5) * spacing[vertical], (v.stop - 0.5) * spacing[vertical])
-        axis.imshow(background[section].T, cmap="gray", vmin=low, vmax=high if high > low else low + 1,
-                    origin="lower", extent=extent, interpolation="nearest")
         values = saliency[section].T
-        overlay = axis.imshow(np.ma.masked_where(np.abs(values) < 0.05 * limit, values), cmap="RdBu_r",
-                              vmin=-limit, vmax=limit, origin="lower", extent=extent, alpha=0.8,
-                              interpolation="nearest")
-        axis.contour(np.arange(h.start, h.stop) * spacing[horizontal], np.arange(v.start, v.stop) * spacing[vertical],
-                     mask[section].T.astype(float), levels=[0.5], colors="gold", linewidths=1.2)
-        for text, position, alignment in zip(letters, ((0.02, 0.5), (0.98, 0.5), (0.5, 0.02), (0.5, 0.98)),
-                                             (("left", "center"), ("right", "center"), ("center", "bottom"),
-                                              ("center", "top"))):
-            axis.text(*position, text, transform=axis.transAxes, color="white", fontsize=8, ha=alignment[0],
-                      va=alignment[1])
-        axis.set_title(name, fontsize=9)
-        axis.set_xticks([])
-        axis.set_yticks([])
-    figure.colorbar(overlay, ax=axes, shrink=0.85, label="saliency")
+        for row, axis in enumerate(axes[:, column]):
+            axis.imshow(background[section].T, cmap="gray", vmin=low, vmax=high if high > low else low + 1,
+                        origin="lower", extent=extent, interpolation="nearest")
+            if row == 1:
+                overlay = axis.imshow(np.ma.masked_where(np.abs(values) < 0.05 * limit, values), cmap="RdBu_r",
+                                      vmin=-limit, vmax=limit, origin="lower", extent=extent, alpha=0.85,
+                                      interpolation="nearest")
+            axis.contour(np.arange(h.start, h.stop) * spacing[horizontal],
+                         np.arange(v.start, v.stop) * spacing[vertical], mask[section].T.astype(float),
+                         levels=[0.5], colors="gold", linewidths=1.2)
+            for text, position, alignment in zip(letters, ((0.02, 0.5), (0.98, 0.5), (0.5, 0.02), (0.5, 0.98)),
+                                                 (("left", "center"), ("right", "center"), ("center", "bottom"),
+                                                  ("center", "top"))):
+                axis.text(*position, text, transform=axis.transAxes, color="white", fontsize=8, ha=alignment[0],
+                          va=alignment[1])
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axes[0, column].set_title(name, fontsize=9)
+    figure.colorbar(overlay, ax=axes[1, :], shrink=0.9, label="saliency")
+    figure.colorbar(overlay, ax=axes[0, :], shrink=0.9).ax.set_visible(False)  # keeps both rows the same width
     figure.suptitle(title + ("" if image is not None else " (input image not found: saliency only)"), fontsize=10)
     return figure
 
@@ -217,7 +224,8 @@ def summary_curves(table: pd.DataFrame, title: str) -> Figure | None:
 
     For tables whose layout this module does not know (the sanity checks'): the first numeric column with
     2-40 distinct values is the x axis, up to four other numeric columns are plotted, and text columns with
-    few values (not identifiers, not mere labels of the x values) split the lines, at most `MAX_LINES`. None when the table has no such x axis or nothing to plot.
+    few values (not identifiers, not mere labels of the x values) split the lines, at most `MAX_LINES`.
+    None when the table has no such x axis or nothing to plot.
     """
     numeric = [c for c in table.select_dtypes("number").columns
                if c not in IDENTIFIER_COLUMNS and not c.endswith("_id")]

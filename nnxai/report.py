@@ -82,6 +82,10 @@ def _format(value) -> str:
     return str(value)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _paragraph(text: str) -> str:
     return f"<p>{html.escape(text)}</p>"
 
@@ -116,13 +120,15 @@ def cohort_section(output: ExplainOutput) -> Section:
             "<p>TP: predicted lesion overlapping the ground truth; FP: predicted lesion without overlap; FN: "
             "ground-truth lesion the model missed (explained inside the missed lesion); unknown: no ground truth.</p>"
             f"<h3>Per case</h3>{_table_html(counts.reset_index().rename(columns={'index': 'case'}))}")
-    finding = f"{len(cases)} cases, {len(output.instances)} lesion instances: " + ", ".join(
+    finding = f"{_count(len(cases), 'case')}, {_count(len(output.instances), 'lesion instance')}: " + ", ".join(
         f"{int(counts[g].sum())} {g}" for g in groups) + "."
     return Section("cohort", "Cohort summary", text, findings=[finding])
 
 
 def peaks_section(output: ExplainOutput, method: str) -> Section:
     values = peak_values(output, method)
+    if values.empty:
+        return Section("peaks", "Peak saliency per group", status="No lesion instance with saliency values.")
     groups = ordered_groups(values["group"])
     medians = values.assign(column=values.channel + " " + values.peak).pivot_table(
         index="group", columns="column", values="value", aggfunc="median").reindex(groups)
@@ -162,6 +168,8 @@ def rings_section(output: ExplainOutput) -> Section:
     if not path.is_file():
         return _not_run("rings", "Ring profiles", path, "nnxai experiment rings OUT")
     rings = read_table(path, RING_COLUMNS)
+    if rings.empty:
+        return Section("rings", "Ring profiles", status=f"{path}: no rows (no lesion instance).")
     groups = ordered_groups(rings["group"].astype(str))
     channels = [c for c in output.channels if c in set(rings.channel)] or sorted(rings.channel.unique())
     figure = figures.ring_profiles(rings, channels, groups)
@@ -217,22 +225,32 @@ def context_section(output: ExplainOutput) -> Section:
     text = _paragraph("Each selected lesion is shown to the model with only k mm of image kept around it "
                       "(the rest set to the normalized background); mean lesion probability inside the original "
                       "lesion and whether it is still detected.")
+    findings = []
     if summary:
-        required = summary.get("required_context_mm")
-        if required is not None:
-            finding = (f"Required context: {_format(float(required))} mm "
-                       f"(95% CI {_format(summary.get('ci_low'))} to {_format(summary.get('ci_high'))} mm).")
-            text += f'<p class="finding">{html.escape(finding)}</p>'.replace(
-                f"{_format(float(required))} mm ", f"<b>{_format(float(required))} mm</b> ", 1)
-        flat = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in summary.items()}
-        text += _table_html(pd.DataFrame([flat]))
+        findings.append(_context_finding(summary))
+        text += f'<p class="finding">{html.escape(findings[0])}</p>'
+        if summary.get("definition"):
+            text += f'<p class="note">Definition: {html.escape(str(summary["definition"]))}.</p>'
+        scalars = {k: v for k, v in summary.items() if not isinstance(v, (dict, list)) and k != "definition"}
+        text += _table_html(pd.DataFrame([scalars]))
     else:
         text += f'<p class="note">{html.escape(str(summary_path))} not found: no required-context estimate.</p>'
     figure = figures.context_curves(context, summary)
     return Section("context", "Perilesional context", text,
                    [("context_curves", figure, "Grey: single lesions; black: mean with 95% CI; red: required "
-                                               "context with its CI.")],
-                   findings=[finding] if summary and summary.get("required_context_mm") is not None else [])
+                                               "context with its CI.")], findings=findings)
+
+
+def _context_finding(summary: dict) -> str:
+    required = summary.get("required_context_mm")
+    if required is None:
+        return "Required context: undefined" + (f" ({summary['note']})." if summary.get("note") else ".")
+    text = f"Required context: {_format(float(required))} mm"
+    if summary.get("ci_low") is not None and summary.get("ci_high") is not None:
+        level = 100 * float(summary.get("confidence", 0.95))
+        text += f" ({level:g}% CI {_format(float(summary['ci_low']))} to {_format(float(summary['ci_high']))} mm)"
+    lesions = summary.get("n_lesions")
+    return text + (f", from {lesions} lesions." if lesions else ".")
 
 
 def synthetic_section(output: ExplainOutput, method: str) -> Section:
@@ -243,7 +261,8 @@ def synthetic_section(output: ExplainOutput, method: str) -> Section:
     if synthetic.empty:
         return Section("synthetic", "Synthetic lesions", status="No synthetic lesion was inserted.")
     saliency = peak_column(method, output.flair_channel(), "peak_pos")
-    figure = figures.dose_response(synthetic, saliency if saliency in synthetic.columns else None)
+    has_saliency = saliency in synthetic.columns and synthetic[saliency].notna().any()  # none when run with 0 samples
+    figure = figures.dose_response(synthetic, saliency if has_saliency else None)
     detected = synthetic.detected.astype(float)
     finding = (f"{len(synthetic)} synthetic lesions inserted into normal-appearing white matter of "
                f"{synthetic.case.nunique()} case(s); {detected.mean():.0%} detected.")

@@ -39,7 +39,8 @@ def write_experiments(out: Path, seed: int = 0) -> None:
              "detected": k >= 5 + i} for i in range(4) for k in range(1, 15)]
     pd.DataFrame(rows).to_csv(experiments / "context.csv", index=False)
     (experiments / "context_summary.json").write_text(json.dumps(
-        {"required_context_mm": 7, "ci_low": 5, "ci_high": 8, "lesions": 4, "plateau": 1.0}))
+        {"required_context_mm": 7, "ci_low": 5, "ci_high": 8, "confidence": 0.95, "n_lesions": 4,
+         "k_mm": list(range(1, 15)), "definition": "smallest k from which detection stays on its plateau"}))
     sanity.mkdir()
     randomization = pd.DataFrame([{"method": "smoothgrad", "channel": c, "step": s, "layer": f"stage{s}",
                                    "spearman": 1 - s / 4, "ssim": 1 - s / 5} for c in ("FLAIR", "T1") for s in range(5)])
@@ -85,7 +86,7 @@ def test_complete_report_has_every_section_and_figure(complete):
         f"gallery_{r.case}_{r.instance_id:03d}" for r in largest.itertuples())
     cohort = section_html(page, "cohort")
     assert "<td>2</td><td>8</td><td>4</td><td>2</td><td>2</td>" in cohort  # cases, instances, TP, FP, FN
-    assert "Required context: <b>7 mm</b> (95% CI 5 to 8 mm)" in section_html(page, "context")
+    assert "Required context: 7 mm (95% CI 5 to 8 mm), from 4 lesions." in section_html(page, "context")
     assert "Model-randomization check" in section_html(page, "sanity")
     assert ("randomization verdicts: smoothgrad FLAIR spearman_abs: pass; smoothgrad T1 spearman_abs: FAIL."
             in page.split("<nav>")[0])  # failing checks are in the summary at the top
@@ -161,3 +162,21 @@ def test_report_renders_in_headless_chromium(complete, tmp_path):
     subprocess.run([*flags, "--hide-scrollbars", "--window-size=1280,2400", f"--screenshot={screenshot}",
                     path.as_uri()], capture_output=True, timeout=120)
     assert screenshot.stat().st_size > 10_000
+
+
+def test_cohort_without_lesions(tmp_path):
+    out = tmp_path / "out"
+    (out / "c1").mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"channels": ["FLAIR", "T1"], "settings": {"method": "smoothgrad"}}))
+    header = "case,instance_id,group," + ",".join(f"smoothgrad_{c}_{s}" for c in ("FLAIR", "T1")
+                                                   for s in ("peak_pos", "peak_neg", "mean"))
+    for table in (out / "instances.csv", out / "c1" / "instances.csv"):
+        table.write_text(header + "\n")
+    for command in (["stats"], ["experiment", "rings"], ["report"]):
+        result = CliRunner().invoke(main, [*command, str(out)])
+        assert result.exit_code == 0, result.output
+    assert pd.read_csv(out / "stats.csv").note.str.startswith("n too small").all()
+    page = (out / "report" / "report.html").read_text()
+    assert "1 case, 0 lesion instances" in page
+    assert "No lesion instance with saliency values." in section_html(page, "peaks")
+    assert "no rows (no lesion instance)" in section_html(page, "rings")
