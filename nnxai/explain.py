@@ -135,20 +135,22 @@ def read_ground_truth(model: LoadedModel, gt_file: Path, properties: dict, lesio
 
 
 def _network_masks(model: LoadedModel, instances: list[LesionInstance], properties: dict) -> dict[int, np.ndarray]:
-    """Each instance's mask in network space; overlapping instances (possible with the IoU rule) go in turn."""
-    layers: list[list[LesionInstance]] = []
+    """Each instance's mask in network space, mapped together in as few label volumes as overlaps allow.
+
+    Predicted instances never overlap each other, nor FN lesions each other; with the IoU rule an FN
+    lesion may overlap a predicted instance, and then goes into a second volume.
+    """
+    layers: list[tuple[np.ndarray, list[LesionInstance]]] = []
     for instance in instances:
-        layer = next((l for l in layers if not any((instance.mask & other.mask).any() for other in l)), None)
+        layer = next((layer for layer in layers if not layer[0][instance.mask].any()), None)
         if layer is None:
-            layers.append(layer := [])
-        layer.append(instance)
+            layers.append(layer := (np.zeros(instance.mask.shape, dtype=np.int32), []))
+        layer[0][instance.mask] = instance.instance_id
+        layer[1].append(instance)
     masks = {}
-    for layer in layers:
-        labels = np.zeros(instances[0].mask.shape, dtype=np.int32)
-        for instance in layer:
-            labels[instance.mask] = instance.instance_id
+    for labels, members in layers:
         network_labels = to_network_space(model, labels, properties)
-        masks.update({instance.instance_id: network_labels == instance.instance_id for instance in layer})
+        masks.update({instance.instance_id: network_labels == instance.instance_id for instance in members})
     return masks
 
 
