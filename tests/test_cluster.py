@@ -153,7 +153,7 @@ def test_cuda_asked_without_a_gpu_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = invoke_explain("-o", str(tmp_path / "out"), "-m", "model", "-device", "cuda")
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == ["Error: -device cuda: no CUDA GPU is available here (use -device cpu)"]
+    assert result.output.strip() == "Error: -device cuda: no CUDA GPU is available here (use -device cpu)"
 
 
 @pytest.mark.parametrize("where, message", [
@@ -237,10 +237,12 @@ def test_slurm_array_task_runs_its_part_on_a_gpu(tmp_path):
             "SLURM_ARRAY_TASK_MAX": "2", "NNXAI": str(fake)}
     result = run_script("/data/images", "/data/out", "-m", "model", "-f", "0", **task)
     assert result.returncode == 0, result.stderr
-    assert recorded(tmp_path / "bin", "nnxai") == [["explain", "-i", "/data/images", "-o", "/data/out", "-device", "cuda",
-                                                    "-num_parts", "3", "-part_id", "1", "-m", "model", "-f", "0"]]
+    assert recorded(tmp_path / "bin", "nnxai") == [["explain", "-i", "/data/images", "-o", "/data/out",
+                                                    "-device", "cuda", "-num_parts", "3", "-part_id", "1",
+                                                    "-m", "model", "-f", "0"]]
 
-    resubmitted_subset = {**task, "SLURM_ARRAY_TASK_COUNT": "1", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "1"}
+    resubmitted_subset = {**task, "SLURM_ARRAY_TASK_COUNT": "1", "SLURM_ARRAY_TASK_MIN": "1",
+                          "SLURM_ARRAY_TASK_MAX": "1"}
     result = run_script("/data/images", "/data/out", "-m", "model", **resubmitted_subset)
     assert result.returncode == 2 and "submit the whole array 0-N" in result.stderr
     assert len(recorded(tmp_path / "bin", "nnxai")) == 1
@@ -250,7 +252,9 @@ def test_slurm_submission_refuses_bad_input(tmp_path):
     calls = tmp_path / "calls"
     fake_command(calls, "sbatch")
     path = f"{calls}:{os.environ['PATH']}"
-    assert run_script("images", "out", PARTS="0", PATH=path).stderr.strip() == "PARTS must be a positive whole number, got '0'"
-    assert run_script(str(tmp_path / "none"), "out", PATH=path).stderr.strip() == f"{tmp_path / 'none'}: no such input folder"
+    zero_parts = run_script("images", "out", PARTS="0", PATH=path)
+    assert zero_parts.stderr.strip() == "PARTS must be a positive whole number, got '0'"
+    no_images = run_script(str(tmp_path / "none"), "out", PATH=path)
+    assert (no_images.returncode, no_images.stderr.strip()) == (2, f"{tmp_path / 'none'}: no such input folder")
     assert run_script("only-one").returncode == 2
     assert not list(calls.glob("sbatch.*"))
