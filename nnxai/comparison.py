@@ -17,7 +17,7 @@ import json
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -106,26 +106,30 @@ def predict_model_folder(entry: Entry, prediction: ModelPrediction, progress: bo
         raise EvaluationInputError(f"{images_dir}: no input images CASE_0000{ending} (entry {entry.name})")
     record = {"model": model.describe(), "images": str(images_dir.resolve()),
               "inputs": {Path(f).name: [f.stat().st_size, f.stat().st_mtime_ns] for fs in cases.values() for f in fs},
-              "settings": {k: v for k, v in asdict(prediction).items() if k in ("step_size", "use_mirroring")}}
+              "settings": {"step_size": prediction.step_size, "use_mirroring": prediction.use_mirroring}}
     record = json.loads(json.dumps(record, default=str))
     target = Path(prediction.cache_dir) / entry.name
     if (target / PREDICTION_RECORD).is_file() and json.loads((target / PREDICTION_RECORD).read_text()) == record:
         return target
-    predictor = nnUNetPredictor(tile_step_size=prediction.step_size, use_mirroring=prediction.use_mirroring,
-                                perform_everything_on_device=prediction.device == "cuda",
-                                device=torch.device(prediction.device), allow_tqdm=progress)
-    # each fold's own copy of the weights: the predictor loads them one after another into a single network
-    predictor.manual_initialization(copy.deepcopy(model.networks[0]), model.plans_manager,
-                                    model.configuration_manager,
-                                    [copy.deepcopy(network.state_dict()) for network in model.networks],
-                                    model.dataset_json, model.trainer_name, model.mirror_axes)
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's progress prints stay off the report
-        predictor.predict_from_files_sequential([[str(f) for f in files] for files in cases.values()],
-                                                str(staging), save_probabilities=False, overwrite=True)
-    (staging / PREDICTION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's progress prints stay off the report
+            predictor = nnUNetPredictor(tile_step_size=prediction.step_size, use_mirroring=prediction.use_mirroring,
+                                        perform_everything_on_device=prediction.device == "cuda",
+                                        device=torch.device(prediction.device), allow_tqdm=progress)
+            # each fold gets its own copy of the weights: the predictor loads them in turn into one network
+            predictor.manual_initialization(copy.deepcopy(model.networks[0]), model.plans_manager,
+                                            model.configuration_manager,
+                                            [copy.deepcopy(network.state_dict()) for network in model.networks],
+                                            model.dataset_json, model.trainer_name, model.mirror_axes)
+            predictor.predict_from_files_sequential([[str(f) for f in files] for files in cases.values()],
+                                                    str(staging), save_probabilities=False, overwrite=True)
+        (staging / PREDICTION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
