@@ -33,8 +33,8 @@ from sklearn.preprocessing import StandardScaler
 
 from nnxai import __version__
 from nnxai.comparison import Comparison, compare_tables, write_comparison
-from nnxai.evaluation import (CasePairing, EvaluationInputError, InstanceOptions, case_counts, check_same_geometry, list_cases,
-                              pair_cases, read_mask, with_metrics, write_atomically)
+from nnxai.evaluation import (CasePairing, EvaluationInputError, InstanceOptions, case_counts, check_same_geometry,
+                              list_cases, pair_cases, read_mask, with_metrics, write_atomically)
 from nnxai.explain_output import AnalysisInputError, ExplainOutput, load_explain_output
 from nnxai.features import DEFAULT_SHELL_MM, IDENTITY_COLUMNS, FeatureError, instance_features
 

@@ -118,10 +118,10 @@ def apply(model_path: Path, out_dir: Path, output: Path, threshold: float | None
                "per-case after - before, Wilcoxon p")
     for metric in REPORTED_METRICS:
         for aggregate in ("pooled", "mean_over_cases"):
-            row = metrics.loc[(metric, aggregate)]
-            click.echo(f"{metric:<11} {aggregate:<16} before {with_ci(*row[['before', 'before_ci_low', 'before_ci_high']])}"
-                       f"  after {with_ci(*row[['after', 'after_ci_low', 'after_ci_high']])}")
+            before, after = (with_ci(*metrics.loc[(metric, aggregate), [name, f"{name}_ci_low", f"{name}_ci_high"]])
+                             for name in ("before", "after"))
+            click.echo(f"{metric:<11} {aggregate:<16} before {before}  after {after}")
         difference = differences.loc[metric]
-        click.echo(f"{metric:<11} {'difference':<16} "
-                   f"{with_ci(*difference[['mean_difference', 'ci_low', 'ci_high']])}  p {difference['wilcoxon_p']:.3g}")
+        change = with_ci(*difference[["mean_difference", "ci_low", "ci_high"]])
+        click.echo(f"{metric:<11} {'difference':<16} {change}  p {difference['wilcoxon_p']:.3g}")
     click.echo(f"All metrics: {result.output / 'evaluation' / 'comparison.md'}")
