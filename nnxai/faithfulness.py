@@ -1,7 +1,8 @@
 """Faithfulness by deletion and insertion: does removing what the map calls important change the prediction?
 
 For each instance, the voxels of its box (bounding box grown by a margin, in network space) are ranked
-by the instance's stored map (highest signed value first: the strongest evidence for the lesion). Then
+by the instance's stored map: by default highest signed value first (the strongest evidence for the
+lesion), or by magnitude (`ranking="absolute"`, evidence for or against). Then
 for k = 0 ... 50 % of the box:
 
 - deletion: the top-k % voxels are set to 0, the normalized background value, and the lesion is
@@ -40,6 +41,7 @@ from nnxai.sliding_window import SlidingWindow
 DELETION, INSERTION = "deletion", "insertion"
 MODES = (DELETION, INSERTION)
 SALIENCY, RANDOM = "saliency", "random"
+RANKINGS = ("signed", "absolute")
 CURVE_COLUMNS = ["case", "instance_id", "group", "method", "channel", "mode", "curve", "seed", "k_percent",
                  "changed_voxels", "box_voxels", "mean_probability"]
 AREA_COLUMNS = ["case", "instance_id", "group", "method", "channel", "mode", "area_saliency", "area_random",
@@ -125,7 +127,7 @@ class _InstanceProbe:
 
 def perturbation_curves(probe: _InstanceProbe, score: np.ndarray, channels: Sequence[int], percents: Sequence[float],
                         modes: Sequence[str], seeds: Sequence[int], random_key: int) -> list[dict]:
-    """Mean lesion probability for each mode, curve (saliency order, random orders) and percentage."""
+    """Mean lesion probability for each mode, curve (`score` order, highest first; random orders) and percentage."""
     box_voxels = score.size
     orders = {(SALIENCY, None): np.argsort(-score.ravel(), kind="stable")}
     for seed in seeds:
@@ -146,12 +148,26 @@ def perturbation_curves(probe: _InstanceProbe, score: np.ndarray, channels: Sequ
     return rows
 
 
+def _rankings(maps: np.ndarray, channel_names: list[str]) -> list[tuple[str, np.ndarray, list[int]]]:
+    """(map name, score, channels to perturb): a per-channel map perturbs its channel, a single map all of them."""
+    if len(maps) == len(channel_names):
+        return [(name, maps[index], [index]) for index, name in enumerate(channel_names)]
+    return [("all", maps[0], list(range(len(channel_names))))]
+
+
 def deletion_check(run: ExplainRun, selection: pd.DataFrame, methods: Sequence[str], percents: Sequence[float],
                    modes: Sequence[str] = (DELETION,), seeds: int = 3, seed: int = 0, margin_mm: float = 5.0,
-                   device: str = "cpu", progress: bool = False) -> pd.DataFrame:
-    """Deletion/insertion curves of every selected instance, method and map channel (one row per point)."""
+                   ranking: str = "signed", device: str = "cpu", progress: bool = False) -> pd.DataFrame:
+    """Deletion/insertion curves of every selected instance, method and map channel (one row per point).
+
+    `ranking`: "signed" ranks voxels by the map's value (evidence for the lesion first), "absolute" by its
+    magnitude (evidence for or against).
+    """
+    if ranking not in RANKINGS:
+        raise SanityError(f"unknown ranking {ranking!r}; choose from {', '.join(RANKINGS)}")
     spacing = run.network_spacing()
     window = run.window(device)
+    seed_list = [seed + i for i in range(seeds)]
     rows = []
     for case, instances in tqdm(selection.groupby("case", sort=False), desc="deletion", unit="case",
                                 disable=not progress):
@@ -161,17 +177,14 @@ def deletion_check(run: ExplainRun, selection: pd.DataFrame, methods: Sequence[s
             mask = case_input.mask(instance_id)
             box = instance_box(mask, spacing, margin_mm)
             probe = _InstanceProbe(window, case_input.data, mask, box, run.model, run.settings.lesion_label)
+            key = zlib.crc32(f"{case}/{instance_id}".encode())
             for method in methods:
-                maps = stored_maps(run, case_input, method, instance_id)
-                per_channel = len(maps) == len(run.channel_names)
-                names = run.channel_names if per_channel else ["all"]
-                for index, name in enumerate(names):
-                    channels = [index] if per_channel else list(range(len(run.channel_names)))
-                    key = zlib.crc32(f"{case}/{instance_id}".encode())
-                    curves = perturbation_curves(probe, maps[(index, *box)], channels, percents, modes,
-                                                 [seed + i for i in range(seeds)], key)
+                maps = stored_maps(run, case_input, method, instance_id)[(slice(None), *box)]
+                for name, score, channels in _rankings(maps, run.channel_names):
+                    score = np.abs(score) if ranking == "absolute" else score
                     rows += [{"case": case, "instance_id": instance_id, "group": instance.group, "method": method,
-                              "channel": name, **row} for row in curves]
+                              "channel": name, **row}
+                             for row in perturbation_curves(probe, score, channels, percents, modes, seed_list, key)]
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
@@ -256,7 +269,7 @@ def write_deletion(run: ExplainRun, curves: pd.DataFrame, parameters: dict) -> t
     groups = deletion_groups(areas)
     record = {**parameters, "instances": int(areas[["case", "instance_id"]].drop_duplicates().shape[0]),
               "background_value": 0.0, "space": "network (preprocessed) space",
-              "box": "instance bounding box grown by margin_mm", "ranking": "signed map, highest first",
+              "box": "instance bounding box grown by margin_mm",
               "area": "trapezoidal, over the fraction k / 100 of the box",
               "area_between": "random - saliency (deletion), saliency - random (insertion)"}
     paths = write_outputs(run.sanity_dir, {"deletion.csv": curves, "deletion_areas.csv": areas,

@@ -1,0 +1,151 @@
+"""`nnxai sanity randomize | deletion | gradcheck`: checks of the maps of an `nnxai explain` output folder."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+import torch
+
+from nnxai.cli.explain import resolve_device
+from nnxai.sanity import ExplainRun, check_methods, load_run, select_instances
+
+existing_folder = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+def run_options(command):
+    """Options every check shares: which explain run, where its images are, device, TTA, checkpoint trust."""
+    options = [
+        click.argument("out", type=existing_folder),
+        click.option("--images", type=existing_folder,
+                     help="Input images of the explain run [default: the folder recorded in OUT/run.json]."),
+        click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]),
+                     default="cuda" if torch.cuda.is_available() else "cpu",
+                     show_default="cuda if available, else cpu"),
+        click.option("--disable-tta", is_flag=True,
+                     help="Predict without mirroring even if the explain run used it (faster, another model)."),
+        click.option("--trust-checkpoint", is_flag=True,
+                     help="Allow checkpoints holding arbitrary Python objects (runs their code: trusted sources only)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def selection_options(command):
+    """Options that choose the instances to check and the box around each."""
+    options = [
+        click.option("--cases", multiple=True, help="Cases to check (repeat the option) [default: all]."),
+        click.option("--groups", multiple=True, help="Groups to check: TP, FP, FN, unknown [default: all]."),
+        click.option("--max-instances", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="At most this many instances, taking the groups in turn."),
+        click.option("--method", "methods", multiple=True,
+                     help="Methods to check (repeat) [default: the explain run's method]."),
+        click.option("--margin-mm", type=click.FloatRange(min=0), default=5.0, show_default=True,
+                     help="Box around each instance: its bounding box grown by this margin."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def open_run(out: Path, images: Path | None, trust_checkpoint: bool, disable_tta: bool, **overrides) -> ExplainRun:
+    """Reopen the explain run, with the run's settings changed as the options ask."""
+    run = load_run(out, images, trust_checkpoint)
+    if disable_tta:
+        overrides["use_mirroring"] = False
+    run.settings = dataclasses.replace(run.settings, **{k: v for k, v in overrides.items() if v is not None})
+    return run
+
+
+@click.group("sanity", context_settings={"help_option_names": ["-h", "--help"]})
+def sanity() -> None:
+    """Sanity checks of the maps in an explain output folder OUT (results in OUT/sanity/)."""
+
+
+@sanity.command("randomize")
+@run_options
+@selection_options
+@click.option("--layers", multiple=True,
+              help="Randomize only these blocks or their parents, e.g. decoder.seg_layers, encoder.stages "
+                   "[default: every block with weights].")
+@click.option("--samples", type=click.IntRange(min=1), help="SmoothGrad samples [default: the explain run's].")
+@click.option("--no-independent", is_flag=True, help="Skip the one-block-at-a-time experiment (cascading only).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="A method passes when the median |statistic| after full randomization is below this.")
+@click.option("--statistic", type=click.Choice(["spearman_abs", "spearman_signed", "ssim_abs", "ssim_signed"]),
+              default="spearman_abs", show_default=True, help="Statistic of the verdict.")
+def randomize(out, images, device, disable_tta, trust_checkpoint, cases, groups, max_instances, methods, margin_mm,
+              layers, samples, no_independent, seed, threshold, statistic) -> None:
+    """Model-randomization check: do the maps change when the network's weights are destroyed?"""
+    from nnxai.randomization import randomization_check, randomization_verdicts, verdict_lines, write_randomization
+
+    run = open_run(out, images, trust_checkpoint, disable_tta, samples=samples)
+    methods = list(methods) or [run.settings.method]
+    check_methods(methods)
+    selection = select_instances(run, cases, groups, max_instances)
+    table = randomization_check(run, selection, methods, layers, not no_independent, seed, margin_mm,
+                                resolve_device(device), progress=True)
+    verdicts = randomization_verdicts(table, threshold, statistic)
+    paths = write_randomization(run, table, verdicts, {"methods": methods, "seed": seed, "margin_mm": margin_mm,
+                                                        "samples": run.settings.samples, "layers": list(layers)})
+    for line in verdict_lines(verdicts):
+        click.echo(line)
+    click.echo(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+@sanity.command("deletion")
+@run_options
+@selection_options
+@click.option("--k", "percents", default="0:50:5", show_default=True,
+              help="Percentages of the box to change: START:STOP:STEP (STOP included) or a comma list.")
+@click.option("--mode", type=click.Choice(["deletion", "insertion", "both"]), default="deletion", show_default=True)
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Random orders to compare with.")
+@click.option("--seed", type=int, default=0, show_default=True, help="First seed of the random orders.")
+@click.option("--ranking", type=click.Choice(["signed", "absolute"]), default="signed", show_default=True,
+              help="Rank voxels by the map's value (evidence for the lesion first) or by its magnitude.")
+def deletion(out, images, device, disable_tta, trust_checkpoint, cases, groups, max_instances, methods, margin_mm,
+             percents, mode, seeds, seed, ranking) -> None:
+    """Deletion / insertion faithfulness: does changing the most salient voxels change the prediction first?"""
+    from nnxai.faithfulness import MODES, deletion_check, parse_percentages, summary_lines, write_deletion
+
+    percentages = parse_percentages(percents)
+    run = open_run(out, images, trust_checkpoint, disable_tta)
+    methods = list(methods) or [run.settings.method]
+    check_methods(methods)
+    selection = select_instances(run, cases, groups, max_instances)
+    modes = MODES if mode == "both" else (mode,)
+    curves = deletion_check(run, selection, methods, percentages, modes, seeds, seed, margin_mm, ranking,
+                            resolve_device(device), progress=True)
+    paths, groups_table = write_deletion(run, curves, {"methods": methods, "k_percent": percentages, "seeds": seeds,
+                                                       "seed": seed, "margin_mm": margin_mm, "ranking": ranking})
+    for line in summary_lines(groups_table):
+        click.echo(line)
+    click.echo(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+@sanity.command("gradcheck")
+@run_options
+@click.option("--case", help="Case of the instance [default: the first explained case with an instance].")
+@click.option("--instance", "instance_id", type=click.IntRange(min=1), help="Instance id [default: the case's first].")
+@click.option("--voxels", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Voxels per channel: those where the map is largest.")
+@click.option("--step", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Finite-difference step (normalized intensity units).")
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Largest relative error that passes.")
+def gradcheck(out, images, device, disable_tta, trust_checkpoint, case, instance_id, voxels, step, tolerance) -> None:
+    """Compare one instance's map (the noise-free gradient) with float64 finite differences at a few voxels."""
+    from nnxai.gradcheck import choose_instance, gradcheck_verdict, gradient_check, write_gradcheck
+
+    run = open_run(out, images, trust_checkpoint, disable_tta)
+    case, instance_id = choose_instance(run, case, instance_id)
+    table = gradient_check(run, case, instance_id, voxels, step, resolve_device(device))
+    verdict = gradcheck_verdict(table, step, tolerance)
+    paths = write_gradcheck(run, table, verdict)
+    row = verdict.iloc[0]
+    click.echo(f"{row.case} instance {row.instance_id}: {row.verdict} (largest relative error "
+               f"{row.max_relative_error:.2e} over {row.voxels} voxels, tolerance {row.tolerance:g})")
+    click.echo(f"wrote {', '.join(str(p) for p in paths)}")
