@@ -1,16 +1,24 @@
-"""Instance-level SmoothGrad (SPEC section 3, mean aggregation).
+"""Instance-level SmoothGrad (SPEC section 3): mean or max aggregation, fixed or convergence-based sampling.
 
 The target of an instance is the raw lesion-class logit of nnU-Net's blended sliding-window
-prediction, summed over the instance's voxels. Because blending is linear, that target is a sum over
-tiles of `weight_t * tile_logits_t` inside the instance, so its gradient is the sum of per-tile
-gradients: we forward one tile, take the gradient of every instance that has voxels in it, free the
-tile's graph and go on. Memory stays at one tile's graph, and tiles that touch no instance are skipped.
+prediction, summed over the instance's voxels ("mean" aggregation) or taken voxel by voxel ("max"
+aggregation). Because blending is linear, a target is a sum over tiles of `weight_t * tile_logits_t`,
+so its gradient is the sum of per-tile gradients: we forward one tile, take the gradients of every
+target that has voxels in it, free the tile's graph and go on. Memory stays at one tile's graph plus
+one batch of gradients, and tiles that touch no instance are skipped.
+
+How the backward passes run (one at a time or batched with `is_grads_batched`, chosen by measurement
+when asked), mixed precision and the batch size live in `GradientEngine`; they change how fast the
+maps come, not what they are (beyond float rounding, and the documented AMP error).
 """
 from __future__ import annotations
 
+import contextlib
+import math
+import time
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,15 +26,214 @@ from tqdm import tqdm
 
 from nnxai.sliding_window import Slices, SlidingWindow, TileLayout
 
+AGGREGATIONS = ("mean", "max")
+BACKWARD_MODES = ("auto", "loop", "batched")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FP16_GRADIENT_SCALE = 2.0 ** 10  # keeps small fp16 gradients from underflowing; divided out afterwards
+
+
+class GradientError(RuntimeError):
+    """Gradients that cannot be computed as asked (memory budget too small, fp16 overflow, ...)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How many noise samples: a fixed number, or (`samples=None`, "auto") until every map has converged.
+
+    Auto: after at least `min_samples`, an instance stops once the estimated relative standard error of its
+    mean map is at most `tol`, both for the map's L2 norm and at its peak (largest magnitude) voxel; at
+    most `max_samples` are drawn.
+    """
+
+    samples: int | None = 50
+    tol: float = 0.05
+    max_samples: int = 200
+    min_samples: int = 5
+
+    def __post_init__(self):
+        if self.samples is not None and self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.samples is None and not (self.tol > 0 and 2 <= self.min_samples <= self.max_samples):
+            raise ValueError(f"auto sampling needs tol > 0 and 2 <= min_samples <= max_samples, got {self}")
+
+    @property
+    def limit(self) -> int:
+        return self.max_samples if self.samples is None else self.samples
+
+
+@dataclass
+class GradientEngine:
+    """Runs batches of backward passes through one tile's graph.
+
+    `backward`: "loop" (one backward per target, sharing the tile's forward pass), "batched" (one vmapped
+    backward per batch, `is_grads_batched`), or "auto" (time both on the first batch of the run and keep
+    the faster; on a 2-core CPU the loop wins, on GPUs batching usually does). `max_batch` bounds the
+    targets per batch; `memory_budget_mb` lowers it further from the measured size of one tile's graph.
+    `amp`: None (float32), "bf16" or "fp16" autocast of the forward pass (fp16 gradients are scaled).
+    """
+
+    backward: str = "loop"
+    max_batch: int = 16
+    amp: str | None = None
+    memory_budget_mb: float | None = None
+    chosen: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.backward not in BACKWARD_MODES:
+            raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)} or None, got {self.amp!r}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.backward != "auto":
+            self.chosen = self.backward
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Mixed precision for a forward pass, or nothing in float32 mode."""
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[self.amp])
+
+    def batch_size(self, graph_bytes: int, bytes_per_target: int) -> int:
+        """Targets per batch within `memory_budget_mb`, given one tile's graph and each target's buffers."""
+        if self.memory_budget_mb is None:
+            return self.max_batch
+        budget = self.memory_budget_mb * 2 ** 20
+        # a batched backward holds about one graph's worth of gradients per target
+        per_target = bytes_per_target + (graph_bytes if self.chosen != "loop" else 0)
+        fits = int((budget - graph_bytes) // max(per_target, 1))
+        if fits < 1:
+            needed = (graph_bytes + per_target) / 2 ** 20
+            raise GradientError(f"memory budget {self.memory_budget_mb:g} MB is too small for one tile "
+                                f"(one tile's graph and one target need about {needed:.0f} MB)")
+        return min(self.max_batch, fits)
+
+    def gradients(self, outputs: torch.Tensor, inputs: Sequence[torch.Tensor],
+                  grad_outputs: torch.Tensor) -> list[torch.Tensor]:
+        """For each input, the stacked (k, *input.shape) gradients of `sum(outputs * grad_outputs[j])`, j < k.
+
+        The tile's graph is retained; it is freed when the caller drops `outputs`.
+        """
+        scale = FP16_GRADIENT_SCALE if self.amp == "fp16" else 1.0
+        grad_outputs = grad_outputs.to(outputs.dtype) * scale if scale != 1.0 else grad_outputs.to(outputs.dtype)
+        if self.chosen is None and len(grad_outputs) > 1:
+            result = self._measure_and_choose(outputs, inputs, grad_outputs)
+        elif self.chosen == "batched":
+            result = _batched(outputs, inputs, grad_outputs)
+        else:
+            result = _loop(outputs, inputs, grad_outputs)
+        if scale != 1.0:
+            result = [g / scale for g in result]
+            if not all(bool(torch.isfinite(g).all()) for g in result):
+                raise GradientError("fp16 gradients overflowed; use --amp bf16 or float32")
+        return result
+
+    def _measure_and_choose(self, outputs, inputs, grad_outputs) -> list[torch.Tensor]:
+        """Time the loop and the batched backward on the same batch; keep the faster from now on."""
+        start = time.perf_counter()
+        result = _loop(outputs, inputs, grad_outputs)
+        _synchronize(outputs.device)
+        self.timings["loop"] = time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            _batched(outputs, inputs, grad_outputs)
+            _synchronize(outputs.device)
+            self.timings["batched"] = time.perf_counter() - start
+        except RuntimeError:  # an operation without a batching rule: the loop always works
+            self.timings["batched"] = math.inf
+        self.chosen = "batched" if self.timings["batched"] < self.timings["loop"] else "loop"
+        return result
+
+
+def _loop(outputs: torch.Tensor, inputs: Sequence[torch.Tensor], grad_outputs: torch.Tensor) -> list[torch.Tensor]:
+    per_target = [torch.autograd.grad(outputs, inputs, g, retain_graph=True) for g in grad_outputs]
+    return [torch.stack([grads[i] for grads in per_target]) for i in range(len(inputs))]
+
+
+def _batched(outputs: torch.Tensor, inputs: Sequence[torch.Tensor], grad_outputs: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, is_grads_batched=True))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def saved_graph_bytes() -> Iterator[list[int]]:
+    """Measure the bytes autograd saves for backward inside the block (one tile's graph), device-independent."""
+    total = [0]
+    seen = set()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total[0] += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield total
+
+
+class RunningMean:
+    """Mean and variance of per-sample maps (Welford), for the map and its standard error."""
+
+    def __init__(self, shape: Sequence[int], device: torch.device):
+        self.count = 0
+        self.mean = torch.zeros(tuple(shape), device=device)
+        self._m2 = torch.zeros(tuple(shape), device=device)
+
+    def add(self, sample: torch.Tensor) -> None:
+        self.count += 1
+        delta = sample - self.mean
+        self.mean += delta / self.count
+        self._m2 += delta * (sample - self.mean)
+
+    def _variance_of_mean(self) -> torch.Tensor:
+        return self._m2 / ((self.count - 1) * self.count)
+
+    def relative_standard_error(self) -> float:
+        """Standard error of the mean map relative to its size (L2 norms): the expected relative L2
+        distance to the map of infinitely many samples. NaN with fewer than two samples."""
+        if self.count < 2:
+            return math.nan
+        error = float(self._variance_of_mean().sum().sqrt())
+        norm = float(self.mean.norm())
+        return error / norm if norm > 0 else (0.0 if error == 0 else math.inf)
+
+    def peak_relative_standard_error(self) -> float:
+        """Standard error at the voxel of largest mean magnitude, relative to that magnitude."""
+        if self.count < 2:
+            return math.nan
+        peak = int(self.mean.abs().argmax())
+        value = float(self.mean.flatten()[peak].abs())
+        error = float(self._variance_of_mean().flatten()[peak].sqrt())
+        return error / value if value > 0 else (0.0 if error == 0 else math.inf)
+
+    def converged(self, tol: float) -> bool:
+        return self.relative_standard_error() <= tol and self.peak_relative_standard_error() <= tol
+
+
+@dataclass
+class SaliencyMap:
+    """One instance's map (C, *spatial) in network space, the samples it used and its relative standard error."""
+
+    map: np.ndarray
+    samples: int
+    relative_standard_error: float
+
 
 @dataclass
 class _InstanceWork:
-    """Padded-space mask of one instance, the tiles it touches and its gradient accumulator over their union."""
+    """Padded-space mask of one instance, the tiles it touches, their bounding region and its running map."""
 
+    instance_id: int
     mask: torch.Tensor
     tiles: list[Slices]
     region: Slices
-    gradient: torch.Tensor
+    running: RunningMean
 
 
 def noise_generator(seed: int, case: str) -> torch.Generator:
@@ -55,21 +262,59 @@ def instance_smoothgrad(
     `masks` maps instance ids to boolean masks in network space. One noise draw per sample serves all
     instances, and each instance's map depends only on its own mask, never on the other instances.
     """
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+    results = smoothgrad_maps(window, data, masks, Sampling(samples), noise, generator, lesion_channel,
+                              progress=progress)
+    return {instance_id: result.map for instance_id, result in results.items()}
+
+
+def smoothgrad_maps(
+    window: SlidingWindow,
+    data: torch.Tensor,
+    masks: Mapping[int, np.ndarray],
+    sampling: Sampling = Sampling(),
+    noise: float = 0.05,
+    generator: torch.Generator | None = None,
+    lesion_channel: int = 1,
+    aggregation: str = "mean",
+    engine: GradientEngine | None = None,
+    progress: bool = False,
+) -> dict[int, SaliencyMap]:
+    """SmoothGrad map per instance with the samples it used and its relative standard error.
+
+    Sample n uses the n-th noise draw of `generator` for every instance, so an instance's map (and, with
+    auto sampling, when it stops) depends only on its own mask and the noise stream.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    engine = engine or GradientEngine()
     generator = generator or torch.Generator().manual_seed(0)
     layout = window.layout(data.shape[1:])
     work = _prepare_instances(window, layout, masks, channels=data.shape[0])
-    tiles = [tile for tile in layout.tiles if any(tile in w.tiles for w in work.values())]
+    active = [w for w in work.values() if w.tiles]
     sigma = noise_sigma(data, noise)
-    with tqdm(total=samples * len(tiles), desc="SmoothGrad", unit="tile", disable=not progress, leave=False) as bar:
-        for _ in range(samples):
+    sample_step = _mean_sample if aggregation == "mean" else _max_sample
+    graph_bytes = 0
+    if engine.memory_budget_mb is not None and active:
+        graph_bytes = tile_graph_bytes(window, window.pad(data.to(window.device)), active[0].tiles[0], lesion_channel,
+                                       engine)
+    tiles = _Tiles(window, layout, lesion_channel, engine, graph_bytes)
+    with tqdm(total=sampling.limit, desc=f"SmoothGrad ({aggregation})", unit="sample", disable=not progress,
+              leave=False) as bar:
+        for _ in range(sampling.limit):
+            if not active:
+                break
             noisy = data + torch.randn(data.shape, generator=generator) * sigma if sigma > 0 else data
             padded = window.pad(noisy.to(window.device))
-            for tile in tiles:
-                _accumulate_tile_gradients(window, layout, padded, tile, work, lesion_channel)
-                bar.update()
-    return {instance_id: _unpadded_map(w, layout, samples) for instance_id, w in work.items()}
+            sample_maps = {w.instance_id: torch.zeros_like(w.running.mean) for w in active}
+            sample_step(tiles, padded, active, sample_maps)
+            for w in active:
+                w.running.add(sample_maps[w.instance_id])
+            if sampling.samples is None:
+                active = [w for w in active
+                          if w.running.count < sampling.min_samples or not w.running.converged(sampling.tol)]
+            bar.update()
+    return {instance_id: SaliencyMap(_unpadded_map(w, layout), w.running.count, w.running.relative_standard_error())
+            for instance_id, w in work.items()}
 
 
 def _prepare_instances(window: SlidingWindow, layout: TileLayout, masks: Mapping[int, np.ndarray],
@@ -78,33 +323,131 @@ def _prepare_instances(window: SlidingWindow, layout: TileLayout, masks: Mapping
     for instance_id, mask in masks.items():
         padded_mask = window.pad(torch.as_tensor(np.asarray(mask, dtype=bool))[None].to(window.device))[0]
         tiles = [tile for tile in layout.tiles if bool(padded_mask[tile].any())]
-        if tiles:
-            region = tuple(slice(min(t[a].start for t in tiles), max(t[a].stop for t in tiles))
-                           for a in range(len(layout.padded_shape)))
-            shape = [s.stop - s.start for s in region]
-        else:
-            region, shape = tuple(slice(0, 0) for _ in layout.padded_shape), [0] * len(layout.padded_shape)
-        gradient = torch.zeros((channels, *shape), device=window.device)
-        work[instance_id] = _InstanceWork(padded_mask, tiles, region, gradient)
+        region = _bounding_region(tiles, len(layout.padded_shape))
+        shape = [channels, *(s.stop - s.start for s in region)]
+        work[instance_id] = _InstanceWork(instance_id, padded_mask, tiles, region, RunningMean(shape, window.device))
     return work
 
 
-def _accumulate_tile_gradients(window: SlidingWindow, layout: TileLayout, padded: torch.Tensor, tile: Slices,
-                               work: Mapping[int, _InstanceWork], lesion_channel: int) -> None:
-    """Forward one tile and add, for each instance inside it, the gradient of its share of the target."""
-    inside = [w for w in work.values() if tile in w.tiles]
+def _bounding_region(tiles: Sequence[Slices], dims: int) -> Slices:
+    """The smallest box holding all `tiles` (an empty box for no tiles)."""
+    if not tiles:
+        return tuple(slice(0, 0) for _ in range(dims))
+    return tuple(slice(min(t[a].start for t in tiles), max(t[a].stop for t in tiles)) for a in range(dims))
+
+
+def _local(tile: Slices, region: Slices) -> Slices:
+    """`tile` in the coordinates of a box `region` that contains it."""
+    return tuple(slice(t.start - r.start, t.stop - r.start) for t, r in zip(tile, region))
+
+
+def tile_forward(window: SlidingWindow, padded: torch.Tensor, tile: Slices, lesion_channel: int,
+                 engine: GradientEngine) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tile's input (a fresh leaf requiring grad) and its float32 lesion logits (unweighted)."""
     tile_input = padded[(slice(None), *tile)].detach().requires_grad_(True)
-    lesion_logits = window.predict_tile(tile_input)[lesion_channel] * layout.tile_weight(tile)
-    for index, w in enumerate(inside):
-        target = (lesion_logits * w.mask[tile]).sum()
-        (gradient,) = torch.autograd.grad(target, tile_input, retain_graph=index < len(inside) - 1)
-        local = tuple(slice(t.start - r.start, t.stop - r.start) for t, r in zip(tile, w.region))
-        w.gradient[(slice(None), *local)] += gradient
+    with engine.autocast(window.device):
+        logits = window.predict_tile(tile_input)
+    return tile_input, logits[lesion_channel].float()
 
 
-def _unpadded_map(w: _InstanceWork, layout: TileLayout, samples: int) -> np.ndarray:
-    """The instance's mean gradient placed in the unpadded network-space volume."""
-    full = torch.zeros((w.gradient.shape[0], *layout.padded_shape))
+def tile_graph_bytes(window: SlidingWindow, padded: torch.Tensor, tile: Slices, lesion_channel: int,
+                     engine: GradientEngine) -> int:
+    """Bytes of one tile's autograd graph (all tiles have the same size), measured on `tile`."""
+    with saved_graph_bytes() as total:
+        tile_forward(window, padded, tile, lesion_channel, engine)
+    return total[0]
+
+
+@dataclass
+class _Tiles:
+    """What every gradient pass over the tiles of one volume shares."""
+
+    window: SlidingWindow
+    layout: TileLayout
+    lesion_channel: int
+    engine: GradientEngine
+    graph_bytes: int
+
+    def forward(self, padded: torch.Tensor, tile: Slices) -> tuple[torch.Tensor, torch.Tensor]:
+        return tile_forward(self.window, padded, tile, self.lesion_channel, self.engine)
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _mean_sample(tiles: _Tiles, padded: torch.Tensor, active: Sequence[_InstanceWork],
+                 sample_maps: dict[int, torch.Tensor]) -> None:
+    """One sample of mean aggregation: per tile, the gradient of each inside instance's share of its target."""
+    gradient_bytes = 4 * padded.shape[0] * math.prod(tiles.window.patch_size)
+    batch_size = tiles.engine.batch_size(tiles.graph_bytes, bytes_per_target=gradient_bytes)
+    for tile in tiles.layout.tiles:
+        inside = [w for w in active if tile in w.tiles]
+        if not inside:
+            continue
+        tile_input, lesion_logits = tiles.forward(padded, tile)
+        weight = tiles.layout.tile_weight(tile)
+        for batch in _batches(inside, batch_size):
+            grad_outputs = torch.stack([w.mask[tile] * weight for w in batch])
+            (gradients,) = tiles.engine.gradients(lesion_logits, [tile_input], grad_outputs)
+            for w, gradient in zip(batch, gradients):
+                sample_maps[w.instance_id][(slice(None), *_local(tile, w.region))] += gradient
+
+
+def _max_sample(tiles: _Tiles, padded: torch.Tensor, active: Sequence[_InstanceWork],
+                sample_maps: dict[int, torch.Tensor]) -> None:
+    """One sample of max aggregation: every instance voxel's own gradient (summed over the tiles holding it),
+    kept at each input position where its magnitude is the largest over the instance's voxels.
+
+    Voxels are batched with voxels that lie in the same tiles, so a batch's gradient buffer spans only
+    those tiles and each tile's forward pass serves the whole batch.
+    """
+    for members, group in _voxels_by_tiles(tiles.layout, active):
+        tile_group = [tile for tile, inside in zip(tiles.layout.tiles, members) if inside]
+        region = _bounding_region(tile_group, len(tiles.layout.padded_shape))
+        buffer_shape = (padded.shape[0], *(s.stop - s.start for s in region))
+        batch_size = tiles.engine.batch_size(tiles.graph_bytes, bytes_per_target=4 * math.prod(buffer_shape))
+        for batch in _batches(group, batch_size):
+            buffer = torch.zeros((len(batch), *buffer_shape), device=padded.device)
+            for tile in tile_group:
+                tile_input, lesion_logits = tiles.forward(padded, tile)
+                weight = tiles.layout.tile_weight(tile)
+                grad_outputs = torch.zeros((len(batch), *lesion_logits.shape), device=padded.device)
+                for index, (_, position) in enumerate(batch):
+                    local = tuple(p - t.start for p, t in zip(position, tile))
+                    grad_outputs[(index, *local)] = weight[local]
+                (gradients,) = tiles.engine.gradients(lesion_logits, [tile_input], grad_outputs)
+                buffer[(slice(None), slice(None), *_local(tile, region))] += gradients
+            _keep_largest_magnitude(batch, buffer, region, sample_maps)
+
+
+def _voxels_by_tiles(layout: TileLayout, active: Sequence[_InstanceWork]) -> Iterator[tuple[tuple[bool, ...], list]]:
+    """The instances' voxels (instance, padded position) grouped by the set of tiles that hold them."""
+    starts = torch.tensor([[s.start for s in tile] for tile in layout.tiles])
+    stops = torch.tensor([[s.stop for s in tile] for tile in layout.tiles])
+    groups: dict[tuple[bool, ...], list] = {}
+    for w in active:
+        positions = torch.nonzero(w.mask).cpu()
+        members = ((positions[:, None] >= starts) & (positions[:, None] < stops)).all(dim=2)
+        for position, inside in zip(positions.tolist(), members.tolist()):
+            groups.setdefault(tuple(inside), []).append((w, tuple(position)))
+    yield from groups.items()
+
+
+def _keep_largest_magnitude(batch: Sequence, buffer: torch.Tensor, region: Slices,
+                            sample_maps: dict[int, torch.Tensor]) -> None:
+    """Merge each voxel's gradient into its instance's sample map where its magnitude is larger."""
+    for index, (w, _) in enumerate(batch):
+        target = sample_maps[w.instance_id][(slice(None), *_local(region, w.region))]
+        candidate = buffer[index]
+        larger = candidate.abs() > target.abs()
+        target[larger] = candidate[larger]
+
+
+def _unpadded_map(w: _InstanceWork, layout: TileLayout) -> np.ndarray:
+    """The instance's mean map placed in the unpadded network-space volume."""
+    full = torch.zeros((w.running.mean.shape[0], *layout.padded_shape))
     if w.tiles:
-        full[(slice(None), *w.region)] = w.gradient.cpu()
-    return (full[(slice(None), *layout.unpad)] / samples).numpy()
+        full[(slice(None), *w.region)] = w.running.mean.cpu()
+    return full[(slice(None), *layout.unpad)].numpy()

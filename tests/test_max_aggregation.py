@@ -1,0 +1,112 @@
+"""Max aggregation and the gradient engine: batched backward passes equal a one-voxel-at-a-time loop."""
+import numpy as np
+import pytest
+import torch
+
+from nnxai.sliding_window import SlidingWindow
+from nnxai.smoothgrad import GradientEngine, GradientError, Sampling, noise_sigma, smoothgrad_maps
+from tests.conftest import tiny_unet
+
+SHAPE = (12, 10, 9)  # 2 x 2 x 2 tiles of 8^3
+
+
+def small_case():
+    data = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(4))
+    first = np.zeros(SHAPE, bool)
+    first[2:4, 3:5, 3] = True  # 4 voxels in one corner tile
+    second = np.zeros(SHAPE, bool)
+    second[5:7, 5, 4:6] = True  # 4 voxels spread over all tiles
+    second[9, 7, 6] = True
+    return data, {1: first, 2: second}
+
+
+def one_voxel_at_a_time(window, noisy_inputs, mask):
+    """Reference: for each sample, each voxel's own full-volume gradient; signed largest magnitude; mean."""
+    maps = []
+    for x in noisy_inputs:
+        x = x.clone().requires_grad_(True)
+        logits = window.logits(x)[1]
+        per_voxel = np.stack([torch.autograd.grad(logits[tuple(v)], x, retain_graph=True)[0].numpy()
+                              for v in np.argwhere(mask)])
+        largest = np.abs(per_voxel).argmax(axis=0)
+        maps.append(np.take_along_axis(per_voxel, largest[None], axis=0)[0])
+    return np.mean(maps, axis=0)
+
+
+@pytest.mark.parametrize("backward, mirror_axes, samples", [("loop", (1,), 1), ("batched", None, 2)])
+def test_max_aggregation_equals_one_voxel_at_a_time_loop(backward, mirror_axes, samples):
+    window = SlidingWindow([tiny_unet()], (8, 8, 8), mirror_axes=mirror_axes)
+    data, masks = small_case()
+    engine = GradientEngine(backward=backward, max_batch=3)  # several batches per voxel group
+    maps = smoothgrad_maps(window, data, masks, Sampling(samples), noise=0.1,
+                           generator=torch.Generator().manual_seed(1), aggregation="max", engine=engine)
+    generator = torch.Generator().manual_seed(1)
+    sigma = noise_sigma(data, 0.1)
+    noisy = [data + torch.randn(data.shape, generator=generator) * sigma for _ in range(samples)]
+    for instance_id, mask in masks.items():
+        expected = one_voxel_at_a_time(window, noisy, mask)
+        assert maps[instance_id].samples == samples
+        assert np.abs(expected).max() > 0
+        np.testing.assert_allclose(maps[instance_id].map, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_max_of_single_voxel_instance_is_its_mean_map():
+    """With one voxel, the largest-magnitude value over the instance is that voxel's gradient itself."""
+    window = SlidingWindow([tiny_unet()], (8, 8, 8))
+    data, _ = small_case()
+    mask = np.zeros(SHAPE, bool)
+    mask[7, 5, 4] = True
+    mean = smoothgrad_maps(window, data, {1: mask}, Sampling(1), noise=0.0, aggregation="mean")[1].map
+    largest = smoothgrad_maps(window, data, {1: mask}, Sampling(1), noise=0.0, aggregation="max")[1].map
+    np.testing.assert_allclose(largest, mean, rtol=1e-5, atol=1e-8)
+
+
+def test_batched_mean_aggregation_equals_loop():
+    window = SlidingWindow([tiny_unet()], (8, 8, 8))
+    data, masks = small_case()
+    kwargs = dict(sampling=Sampling(1), noise=0.05, aggregation="mean")
+    loop = smoothgrad_maps(window, data, masks, generator=torch.Generator().manual_seed(2),
+                           engine=GradientEngine("loop"), **kwargs)
+    batched = smoothgrad_maps(window, data, masks, generator=torch.Generator().manual_seed(2),
+                              engine=GradientEngine("batched", max_batch=1), **kwargs)
+    for instance_id in masks:
+        np.testing.assert_allclose(batched[instance_id].map, loop[instance_id].map, rtol=1e-5, atol=1e-8)
+
+
+def test_auto_backward_measures_both_and_keeps_the_faster():
+    window = SlidingWindow([tiny_unet()], (8, 8, 8))
+    data, masks = small_case()
+    engine = GradientEngine("auto")
+    auto = smoothgrad_maps(window, data, masks, Sampling(1), noise=0.0, engine=engine)
+    loop = smoothgrad_maps(window, data, masks, Sampling(1), noise=0.0, engine=GradientEngine("loop"))
+    assert set(engine.timings) == {"loop", "batched"}
+    assert engine.chosen == min(engine.timings, key=engine.timings.get)
+    for instance_id in masks:
+        np.testing.assert_allclose(auto[instance_id].map, loop[instance_id].map, rtol=1e-5, atol=1e-8)
+
+
+def test_memory_budget_bounds_the_batch():
+    mb = 2 ** 20
+    assert GradientEngine("loop", max_batch=16, memory_budget_mb=3).batch_size(mb, mb // 2) == 4
+    assert GradientEngine("loop", max_batch=2, memory_budget_mb=3).batch_size(mb, mb // 2) == 2
+    assert GradientEngine("batched", max_batch=16, memory_budget_mb=3).batch_size(mb, mb // 2) == 1
+    assert GradientEngine("loop", max_batch=16).batch_size(10 ** 12, 10 ** 12) == 16  # no budget, no bound
+
+
+def test_memory_budget_smaller_than_one_tile_is_a_clear_error():
+    window = SlidingWindow([tiny_unet()], (8, 8, 8))
+    data, masks = small_case()
+    engine = GradientEngine("loop", memory_budget_mb=0.01)
+    with pytest.raises(GradientError, match=r"memory budget 0.01 MB is too small for one tile \(.* need about"):
+        smoothgrad_maps(window, data, masks, Sampling(1), noise=0.0, aggregation="max", engine=engine)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_maps_stay_close_to_float32(amp):
+    """Autocast runs on the CPU too, so the AMP code path (and fp16 gradient scaling) is checked here."""
+    window = SlidingWindow([tiny_unet()], (8, 8, 8))
+    data, masks = small_case()
+    reference = smoothgrad_maps(window, data, {2: masks[2]}, Sampling(1), noise=0.0)[2].map
+    mixed = smoothgrad_maps(window, data, {2: masks[2]}, Sampling(1), noise=0.0, engine=GradientEngine(amp=amp))[2].map
+    # bf16 keeps 8 mantissa bits, fp16 11: a few percent of the map's norm, never exact
+    assert 0 < np.linalg.norm(mixed - reference) < 0.1 * np.linalg.norm(reference)
