@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from nnxai.explain import RUN_RECORD, ExplainSettings, collect_tables, find_cases, write_atomically
+from nnxai.explain import RUN_RECORD, ExplainSettings, find_cases, write_atomically
+from nnxai.explain_output import AnalysisInputError, load_explain_output
 from nnxai.geometry import preprocess, to_network_space
 from nnxai.model import LoadedModel, load_model
 from nnxai.sliding_window import Slices, SlidingWindow
@@ -118,25 +119,29 @@ def _known_settings(settings: dict) -> ExplainSettings:
 
 
 def load_run(out_dir: Path, images_dir: Path | None = None, trust_checkpoint: bool = False) -> ExplainRun:
-    """Reopen an explain output folder: its settings, its model (checked against the recorded hashes) and instances."""
-    record_path = out_dir / RUN_RECORD
-    if not record_path.is_file():
-        raise SanityError(f"{record_path}: missing; not an nnxai explain output folder")
+    """Reopen an explain output folder: its settings, its model (checked against the recorded hashes) and instances.
+
+    The folder is read as the analyses read it (`OUT/run.json`, `OUT/instances.csv`, case names kept as text).
+    """
     try:
-        record = json.loads(record_path.read_text())
-        recorded_model = record["model"]
-        settings = _known_settings(record["settings"])
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        output = load_explain_output(Path(out_dir))
+    except AnalysisInputError as error:
+        raise SanityError(str(error)) from None
+    record_path = output.folder / RUN_RECORD
+    try:
+        recorded_model = output.record["model"]
+        settings = _known_settings(output.record["settings"])
+        images_dir = Path(images_dir or output.record["images"])
+    except (KeyError, TypeError) as error:
         raise SanityError(f"{record_path}: not an nnxai run record ({type(error).__name__}: {error})") from None
     model = load_model(recorded_model["folder"], recorded_model["folds"], recorded_model["checkpoint"],
                        trust_checkpoint)
     if model.checkpoint_sha256 != recorded_model.get("checkpoint_sha256"):
         raise SanityError(f"{record_path}: the checkpoints in {recorded_model['folder']} changed since the explain "
                           "run (sha256 differs); explain again")
-    images_dir = Path(images_dir or record["images"])
     if not images_dir.is_dir():
         raise SanityError(f"{images_dir}: input folder of the explain run not found (use --images)")
-    instances = collect_tables(out_dir)
+    instances = output.instances
     return ExplainRun(out_dir, settings, model, images_dir, instances)
 
 
