@@ -258,6 +258,10 @@ def randomization_figure(table: pd.DataFrame) -> Figure:
                 quartiles = maps.groupby("step")[statistic].quantile([0.25, 0.5, 0.75]).unstack()
                 line, = ax.plot(quartiles.index, quartiles[0.5], marker="o", label=f"{method} {channel}")
                 ax.fill_between(quartiles.index, quartiles[0.25], quartiles[0.75], alpha=0.2, color=line.get_color())
+                reference = table[(table.experiment == REFERENCE) & (table.method == method)
+                                  & (table.channel == channel)][statistic].median()
+                ax.axhline(reference, color=line.get_color(), ls="--", lw=1,
+                           label=f"{method} {channel}: two random networks")
             ax.axhline(0, color="grey", lw=0.5)
             ax.set_xticks(range(1, len(layers) + 1), layers, rotation=60, ha="right", fontsize=7)
             ax.set_title(f"{experiment}: {statistic}", fontsize=9)
