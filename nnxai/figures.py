@@ -69,7 +69,8 @@ def ring_profiles(rings: pd.DataFrame, channels: list[str], groups: list[str]) -
             shells = sorted(subset.shell_mm.unique())
             stats = np.array([mean_ci(subset.loc[subset.shell_mm == s, "mean"]) for s in shells])
             instances = subset[["case", "instance_id"]].drop_duplicates().shape[0]
-            axis.plot(shells, stats[:, 0], marker="o", markersize=3, color=colour(group), label=f"{group} (n={instances})")
+            axis.plot(shells, stats[:, 0], marker="o", markersize=3, color=colour(group),
+                      label=f"{group} (n={instances})")
             axis.fill_between(shells, stats[:, 1], stats[:, 2], color=colour(group), alpha=0.2, linewidth=0)
         axis.axhline(0, color="0.5", linewidth=0.7)
         axis.axvline(0.5, color="0.7", linewidth=0.7, linestyle=":")
@@ -217,19 +218,21 @@ def lesion_slices(image: np.ndarray | None, saliency: np.ndarray, mask: np.ndarr
 
 IDENTIFIER_COLUMNS = ("case", "instance_id", "lesion_id", "seed")
 MAX_LINES = 8
+STEP_COLUMNS = ("step", "k", "k_percent", "k_mm", "percent", "fraction")
 
 
 def summary_curves(table: pd.DataFrame, title: str) -> Figure | None:
     """Means of a table's numeric columns against its first stepped numeric column, a line per category.
 
-    For tables whose layout this module does not know (the sanity checks'): the first numeric column with
-    2-40 distinct values is the x axis, up to four other numeric columns are plotted, and text columns with
-    few values (not identifiers, not mere labels of the x values) split the lines, at most `MAX_LINES`.
+    For tables whose layout this module does not know (the sanity checks'): the first step-like column
+    (`STEP_COLUMNS`) with 2-40 distinct values is the x axis, up to four other numeric columns are plotted,
+    and text columns with few values (not identifiers, not mere labels of the x values) split the lines,
+    at most `MAX_LINES`.
     None when the table has no such x axis or nothing to plot.
     """
     numeric = [c for c in table.select_dtypes("number").columns
                if c not in IDENTIFIER_COLUMNS and not c.endswith("_id")]
-    x = next((c for c in numeric if 2 <= table[c].nunique() <= 40), None)
+    x = next((c for c in numeric if c in STEP_COLUMNS and 2 <= table[c].nunique() <= 40), None)
     ys = [c for c in numeric if c != x and table[c].nunique() > 1][:4]
     if x is None or not ys:
         return None

@@ -34,7 +34,9 @@ REPORT_FILE = "report.html"
 CONTEXT_TABLE = "context.csv"
 CONTEXT_SUMMARY = "context_summary.json"
 CONTEXT_COLUMNS = ("case", "lesion_id", "k_mm", "mean_probability", "detected")
-SANITY_TITLES = {"randomization": "Model-randomization check", "deletion": "Deletion / insertion faithfulness"}
+SANITY_TITLES = {"randomization": "Model-randomization check", "randomization_verdicts": "Model-randomization verdicts",
+                 "deletion": "Deletion / insertion curves", "deletion_areas": "Area between curves per instance",
+                 "deletion_groups": "Deletion / insertion verdicts per group"}
 MAX_TABLE_ROWS = 40
 SANITY_TABLE_ROWS = 15
 RING_TABLE_SHELLS = (0, 1, 2, 3)
@@ -71,10 +73,13 @@ def _table_html(table: pd.DataFrame, max_rows: int = MAX_TABLE_ROWS, emphasize: 
                         else f'<td class="text">{html.escape(_format(v))}</td>' for v in row)
         rows.append(f'<tr class="significant">{cells}</tr>' if strong else f"<tr>{cells}</tr>")
     note = (f'<p class="note">First {max_rows} of {len(table)} rows.</p>' if len(table) > max_rows else "")
-    return f'<div class="table"><table><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>{note}'
+    body = "".join(rows)
+    return f'<div class="table"><table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></div>{note}'
 
 
 def _format(value) -> str:
+    if value is None:
+        return ""
     if isinstance(value, (float, np.floating)):
         if np.isnan(value):
             return ""
@@ -154,8 +159,9 @@ def statistics_section(output: ExplainOutput) -> Section:
     shown = tests[["channel", "peak", "test", "group_a", "group_b", "n_a", "n_b", "statistic", "p_value", "p_holm",
                    "cliffs_delta", "median_a", "median_b", "note"]]
     overall = tests[(tests.test == "kruskal") & tests.p_value.notna()]
-    findings = [f"{row.channel} {row.peak.replace('_', ' ')} saliency across {row.group_a}: Kruskal-Wallis "
-                f"p = {_format(row.p_value)}." for row in overall.itertuples() if row.channel == overall.channel.iloc[0]]
+    first_channel = overall[overall.channel == overall.channel.iloc[0]] if len(overall) else overall
+    findings = [f"{row.channel} {row.peak.replace('_', ' ')} saliency across {row.group_a.replace(',', ', ')}: "
+                f"Kruskal-Wallis p = {_format(row.p_value)}." for row in first_channel.itertuples()]
     text = (_paragraph("Kruskal-Wallis over all groups with enough members, then two-sided Mann-Whitney U per pair, "
                        "Holm-corrected within each channel and peak; Cliff's delta = P(a > b) - P(a < b). "
                        "Rows in bold: p (Holm for pairs) < 0.05.")
@@ -184,8 +190,8 @@ def rings_section(output: ExplainOutput) -> Section:
     magnitude = inside.groupby("channel").magnitude.mean()
     ratio = ""
     if len(channels) > 1 and magnitude.get(channels[1], 0) > 0:
-        ratio = (f" Mean |saliency| inside lesions: {channels[0]} is {magnitude[channels[0]] / magnitude[channels[1]]:.3g}"
-                 f" times {channels[1]}.")
+        times = magnitude[channels[0]] / magnitude[channels[1]]
+        ratio = f" Mean |saliency| inside lesions: {channels[0]} is {times:.3g} times {channels[1]}."
         findings.append(ratio.strip())
     text = (_paragraph("Mean saliency inside each instance (0) and in 1 mm shells around its border (k: more than "
                        "k - 1 and at most k mm from the nearest lesion voxel, in the input's spacing; other lesions "
@@ -277,32 +283,39 @@ def synthetic_section(output: ExplainOutput, method: str) -> Section:
 
 
 def sanity_section(output: ExplainOutput) -> Section:
-    tables = sorted(output.sanity.glob("*.csv")) if output.sanity.is_dir() else []
+    """Whatever the sanity commands wrote to OUT/sanity/: tables with a verdict first, each table's own PNG (or a
+    figure of its means per step) after it, JSON records folded away."""
+    paths = sorted(output.sanity.glob("*.csv")) if output.sanity.is_dir() else []
+    tables = [(path, read_table(path)) for path in paths]
     if not tables:
         return _not_run("sanity", "Sanity checks", output.sanity / "randomization.csv",
                         "nnxai sanity randomize / nnxai sanity deletion")
     section = Section("sanity", "Sanity checks")
-    for path in tables:
+    pngs = {path.stem: path for path in sorted(output.sanity.glob("*.png"))}
+    for path, table in sorted(tables, key=lambda item: "verdict" not in item[1].columns):
         title = SANITY_TITLES.get(path.stem, path.stem.replace("_", " "))
-        table = read_table(path)
         section.html += (f"<h3>{html.escape(title)} ({html.escape(path.name)})</h3>"
                          + _table_html(table, max_rows=SANITY_TABLE_ROWS))
         if "verdict" in table.columns:  # never hide a failing check: every verdict goes to the summary too
-            labels = [c for c in ("method", "channel", "statistic", "group") if c in table.columns]
+            labels = [c for c in ("method", "channel", "mode", "statistic", "group") if c in table.columns]
             section.findings.append(f"{title}: " + "; ".join(
                 " ".join(str(row[c]) for c in labels) + f": {row['verdict']}" for _, row in table.iterrows()) + ".")
-        figure = figures.summary_curves(table, title)
-        if figure is not None:
+        if path.stem in pngs:
+            png = pngs.pop(path.stem)
+            section.images.append((f"sanity_{png.stem}", png.read_bytes(), f"{png.name}, as the sanity check drew it"))
+            section.html += figure_slot(f"sanity_{png.stem}")
+        elif (figure := figures.summary_curves(table, title)) is not None:
             section.figures.append((f"sanity_{path.stem}_means", figure, f"Means of {path.name} per step."))
             section.html += figure_slot(f"sanity_{path.stem}_means")
-    for path in sorted(output.sanity.glob("*.png")):
-        section.images.append((f"sanity_{path.stem}", path.read_bytes(), f"{path.name} (from the sanity check)"))
+    for png in pngs.values():
+        section.images.append((f"sanity_{png.stem}", png.read_bytes(), f"{png.name}, as the sanity check drew it"))
     for path in sorted(output.sanity.glob("*.json")):
         try:
             record = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise AnalysisInputError(f"{path}: not valid JSON ({error})") from None
-        section.html += f"<h3>{html.escape(path.name)}</h3><pre>{html.escape(json.dumps(record, indent=2))}</pre>"
+        section.html += (f"<details><summary>{html.escape(path.name)} (settings of the check)</summary>"
+                         f"<pre>{html.escape(json.dumps(record, indent=2))}</pre></details>")
     return section
 
 

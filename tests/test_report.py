@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from matplotlib.figure import Figure
 
 from nnxai.cli import main
 from nnxai.explain_output import load_explain_output
@@ -43,14 +44,19 @@ def write_experiments(out: Path, seed: int = 0) -> None:
          "k_mm": list(range(1, 15)), "definition": "smallest k from which detection stays on its plateau"}))
     sanity.mkdir()
     randomization = pd.DataFrame([{"method": "smoothgrad", "channel": c, "step": s, "layer": f"stage{s}",
-                                   "spearman": 1 - s / 4, "ssim": 1 - s / 5} for c in ("FLAIR", "T1") for s in range(5)])
+                                   "spearman": 1 - s / 4, "ssim": 1 - s / 5}
+                                  for c in ("FLAIR", "T1") for s in range(5)])
     randomization.to_csv(sanity / "randomization.csv", index=False)
     pd.DataFrame({"method": "smoothgrad", "channel": ["FLAIR", "T1"], "statistic": "spearman_abs",
                   "verdict": ["pass", "FAIL"]}).to_csv(sanity / "randomization_verdicts.csv", index=False)
     deletion = pd.DataFrame([{"case": "case_000", "instance_id": i, "group": g, "order": o, "k_percent": k,
                               "mean_probability": (1 - k / 60) if o == "random" else (1 - k / 25)}
-                             for i, g in ((1, "TP"), (3, "FP")) for o in ("salient", "random") for k in range(0, 51, 10)])
+                             for i, g in ((1, "TP"), (3, "FP")) for o in ("salient", "random")
+                             for k in range(0, 51, 10)])
     deletion.to_csv(sanity / "deletion.csv", index=False)
+    figure = Figure(figsize=(2, 2))
+    figure.subplots().plot([0, 50], [1, 0])
+    figure.savefig(sanity / "deletion.png")  # the sanity command's own figure replaces the generic one
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +85,8 @@ def test_complete_report_has_every_section_and_figure(complete):
     pngs = sorted(p.stem for p in (out / "report").glob("*.png"))
     assert len(sources) == len(pngs)
     assert {"peak_saliency", "ring_profiles", "context_curves", "synthetic_dose_response",
-            "sanity_randomization_means", "sanity_deletion_means"} <= set(pngs)
+            "sanity_randomization_means", "sanity_deletion"} <= set(pngs)
+    assert "sanity_deletion_means" not in pngs
     table = pd.read_csv(out / "instances.csv")
     largest = table.loc[table.groupby("group").voxels.idxmax()]
     assert sorted(p for p in pngs if p.startswith("gallery_")) == sorted(
@@ -87,9 +94,12 @@ def test_complete_report_has_every_section_and_figure(complete):
     cohort = section_html(page, "cohort")
     assert "<td>2</td><td>8</td><td>4</td><td>2</td><td>2</td>" in cohort  # cases, instances, TP, FP, FN
     assert "Required context: 7 mm (95% CI 5 to 8 mm), from 4 lesions." in section_html(page, "context")
-    assert "Model-randomization check" in section_html(page, "sanity")
+    sanity = section_html(page, "sanity")
+    assert sanity.index("randomization_verdicts.csv") < sanity.index("deletion.csv")  # verdicts first
+    assert sanity.index("deletion.csv") < sanity.index("(sanity_deletion.png)") < sanity.index("randomization.csv")
     assert ("randomization verdicts: smoothgrad FLAIR spearman_abs: pass; smoothgrad T1 spearman_abs: FAIL."
             in page.split("<nav>")[0])  # failing checks are in the summary at the top
+    assert "FLAIR peak pos saliency across TP, FP, FN, synthetic: Kruskal-Wallis p = " in page.split("<nav>")[0]
     assert "kruskal" in section_html(page, "statistics")
     assert not list(out.glob(".report*"))
 
