@@ -1,0 +1,76 @@
+"""Convergence-based sampling (`--samples auto`): running statistics, stopping rule, independence of instances."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nnxai.sliding_window import SlidingWindow
+from nnxai.smoothgrad import RunningMean, Sampling, smoothgrad_maps
+from tests.conftest import tiny_unet
+
+SHAPE = (12, 10, 9)
+
+
+def case():
+    data = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(6))
+    first = np.zeros(SHAPE, bool)
+    first[2:5, 2:5, 2:4] = True
+    second = np.zeros(SHAPE, bool)
+    second[8:11, 6:9, 5:8] = True
+    return data, {1: first, 2: second}
+
+
+def test_running_mean_and_standard_error_by_hand():
+    running = RunningMean((2,), torch.device("cpu"))
+    running.add(torch.tensor([1.0, 2.0]))
+    assert math.isnan(running.relative_standard_error())
+    running.add(torch.tensor([3.0, 6.0]))
+    assert running.mean.tolist() == [2.0, 4.0]
+    # sample variances [2, 8], of the mean [1, 4]: error sqrt(5) against a mean of norm sqrt(20)
+    assert running.relative_standard_error() == pytest.approx(0.5)
+    assert running.peak_relative_standard_error() == pytest.approx(2 / 4)  # at the second voxel (|4| > |2|)
+    assert running.converged(0.5) and not running.converged(0.49)
+
+
+def test_without_noise_every_instance_stops_at_the_minimum():
+    window = SlidingWindow([tiny_unet()], (8, 8, 8))
+    data, masks = case()
+    maps = smoothgrad_maps(window, data, masks, Sampling(None, tol=0.01, max_samples=50, min_samples=3), noise=0.0)
+    for result in maps.values():
+        assert result.samples == 3 and result.relative_standard_error == 0.0
+
+
+def test_auto_map_is_the_fixed_map_with_the_samples_it_used_and_stops_for_each_instance_alone():
+    window = SlidingWindow([tiny_unet()], (8, 8, 8))
+    data, masks = case()
+    auto = Sampling(None, tol=0.2, max_samples=20, min_samples=3)
+    together = smoothgrad_maps(window, data, masks, auto, noise=0.02, generator=torch.Generator().manual_seed(2))
+    used = {i: r.samples for i, r in together.items()}
+    assert all(3 <= n < 20 for n in used.values())
+    for instance_id, mask in masks.items():
+        result = together[instance_id]
+        assert result.relative_standard_error <= 0.2
+        fixed = smoothgrad_maps(window, data, {instance_id: mask}, Sampling(used[instance_id]), noise=0.02,
+                                generator=torch.Generator().manual_seed(2))[instance_id]
+        np.testing.assert_allclose(result.map, fixed.map, rtol=1e-5, atol=1e-7)
+        assert fixed.relative_standard_error == pytest.approx(result.relative_standard_error, rel=1e-4)
+        alone = smoothgrad_maps(window, data, {instance_id: mask}, auto, noise=0.02,
+                                generator=torch.Generator().manual_seed(2))[instance_id]
+        assert alone.samples == used[instance_id]
+
+
+def test_auto_sampling_stops_at_the_cap():
+    window = SlidingWindow([tiny_unet()], (8, 8, 8))
+    data, masks = case()
+    maps = smoothgrad_maps(window, data, {2: masks[2]}, Sampling(None, tol=1e-6, max_samples=4, min_samples=2),
+                           noise=0.2)
+    assert maps[2].samples == 4 and maps[2].relative_standard_error > 1e-6
+
+
+@pytest.mark.parametrize("sampling", [dict(samples=0), dict(samples=None, tol=0.0),
+                                      dict(samples=None, min_samples=10, max_samples=5),
+                                      dict(samples=None, min_samples=1)])
+def test_invalid_sampling_is_refused(sampling):
+    with pytest.raises(ValueError):
+        Sampling(**sampling)
