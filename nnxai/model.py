@@ -69,8 +69,8 @@ def model_folder(dataset: str, configuration: str, trainer: str = "nnUNetTrainer
 
     try:
         return Path(get_output_folder(dataset, trainer, plans, configuration))
-    except RuntimeError as error:
-        raise ModelError(str(error).splitlines()[0]) from None
+    except (RuntimeError, ValueError) as error:  # unknown dataset id or name
+        raise ModelError(f"-d {dataset}: {str(error).splitlines()[0]}") from None
 
 
 def available_folds(folder: Path, checkpoint_name: str) -> list[str]:
