@@ -86,10 +86,18 @@ def map_to_network_space(model: LoadedModel, volume: np.ndarray, properties: dic
         cropped, list(network_shape), original_spacing, network_spacing), dtype=np.float32)
 
 
+def stored_map_files(folder: Path, instance_id: int, channel_names: Sequence[str]) -> list[Path]:
+    """An instance's map files in `OUT/<case>/<method>/`: `<id>_<CHANNEL>.nii.gz` per channel, or one `<id>.nii.gz`."""
+    per_channel = [folder / f"{instance_id:03d}_{name}.nii.gz" for name in channel_names]
+    single = folder / f"{instance_id:03d}.nii.gz"
+    if not all(f.is_file() for f in per_channel) and single.is_file():
+        return [single]
+    return per_channel
+
+
 def stored_maps(run: ExplainRun, case_input: CaseInput, method: str, instance_id: int) -> np.ndarray:
-    """The instance's maps written by `nnxai explain` (one per channel), in network space."""
-    folder = run.out_dir / case_input.case / method
-    files = [folder / f"{instance_id:03d}_{name}.nii.gz" for name in run.channel_names]
+    """The instance's maps written by `nnxai explain` (one per channel, or one for all), in network space."""
+    files = stored_map_files(run.out_dir / case_input.case / method, instance_id, run.channel_names)
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise SanityError(f"{missing[0]}: missing; explain this folder with --method {method} first")

@@ -6,6 +6,7 @@ Everything is computed in network space (nnU-Net's preprocessed grid), where the
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -44,9 +45,25 @@ def smoothgrad_maps(window: SlidingWindow, data: torch.Tensor, masks: dict[int, 
                                noise_generator(settings.seed, case), settings.lesion_label)
 
 
+def gradcampp_maps(window: SlidingWindow, data: torch.Tensor, masks: dict[int, np.ndarray],
+                   settings: ExplainSettings, case: str) -> dict[int, np.ndarray]:
+    """Grad-CAM++ maps at the module's default layer and variant, as one (1, *spatial) map for all channels."""
+    from nnxai.gradcampp import instance_gradcampp
+
+    maps = instance_gradcampp(window, data, masks, lesion_channel=settings.lesion_label)
+    return {instance_id: cam[None] for instance_id, cam in maps.items()}
+
+
 def map_methods() -> dict[str, MapFunction]:
-    """Explanation methods the checks can recompute, by the name `nnxai explain --method` uses."""
-    return {"smoothgrad": smoothgrad_maps}
+    """Explanation methods the checks can recompute, by the name `nnxai explain --method` uses.
+
+    A method's function returns, per instance, (C, *spatial) maps (one per input channel) or a (1, *spatial)
+    map for all channels. Grad-CAM++ is offered when its module is installed.
+    """
+    methods = {"smoothgrad": smoothgrad_maps}
+    if importlib.util.find_spec("nnxai.gradcampp") is not None:
+        methods["gradcampp"] = gradcampp_maps
+    return methods
 
 
 def check_methods(methods: Sequence[str]) -> None:

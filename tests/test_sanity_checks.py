@@ -14,7 +14,7 @@ from nnxai.faithfulness import DELETION, deletion_areas, deletion_check, stored_
 from nnxai.gradcheck import gradcheck_verdict, gradient_check
 from nnxai.model import load_model
 from nnxai.randomization import CASCADING, REFERENCE, randomization_check, randomization_verdicts
-from nnxai.sanity import SanityError, load_run, select_instances, smoothgrad_maps
+from nnxai.sanity import SanityError, load_run, map_methods, select_instances, smoothgrad_maps
 from tests.fake_model import write_case, write_model_folder
 
 
@@ -155,3 +155,22 @@ def test_changed_checkpoint_or_missing_record_is_refused(explained, tmp_path):
     (out / "run.json").unlink()
     with pytest.raises(SanityError, match="run.json: missing; .* is not an nnxai explain output folder"):
         load_run(out)
+
+
+def test_gradcampp_single_maps_are_checked_on_all_channels(run, tmp_path):
+    pytest.importorskip("nnxai.gradcampp")
+    from nnxai.geometry import to_original_space, write_volume
+
+    table = randomization_check(run, select_instances(run), ["gradcampp"], independent=False)
+    final = table[(table.experiment == CASCADING) & (table.step == table.step.max())]
+    assert set(final.channel) == {"all"} and final.spearman_abs.abs().max() < 0.3
+    # a Grad-CAM++ map as explain writes it (OUT/<case>/gradcampp/<id>.nii.gz), in a copy of OUT
+    shutil.copytree(run.out_dir, tmp_path / "out")
+    copy = load_run(tmp_path / "out")
+    case_input = copy.case_input("case_0")
+    maps = map_methods()["gradcampp"](copy.window(), case_input.data, {1: case_input.mask(1)}, copy.settings, "case_0")
+    write_volume(to_original_space(copy.model, maps[1], case_input.properties)[0],
+                 copy.out_dir / "case_0" / "gradcampp" / "001.nii.gz", case_input.properties)
+    curves = deletion_check(copy, select_instances(copy, max_instances=1), ["gradcampp"], [0, 10, 30], seeds=2)
+    areas = deletion_areas(curves)
+    assert areas.channel.tolist() == ["all"] and areas.area_between.item() > 0.1
