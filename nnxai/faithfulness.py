@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from nnxai.geometry import _network_and_original_spacing, read_images
 from nnxai.model import LoadedModel
-from nnxai.sanity import (CaseInput, ExplainRun, SanityError, instance_box, instance_logits, ordered_groups,
-                          write_outputs)
+from nnxai.explain_output import ordered_groups
+from nnxai.sanity import CaseInput, ExplainRun, SanityError, instance_box, instance_logits, write_outputs
 from nnxai.sliding_window import SlidingWindow
 
 DELETION, INSERTION = "deletion", "insertion"

@@ -20,14 +20,13 @@ import torch
 from matplotlib.figure import Figure
 
 from nnxai.explain import RUN_RECORD, ExplainSettings, find_cases, write_atomically
-from nnxai.explain_output import AnalysisInputError, load_explain_output
+from nnxai.explain_output import GROUP_ORDER, AnalysisInputError, load_explain_output
 from nnxai.geometry import preprocess, to_network_space
 from nnxai.model import LoadedModel, load_model
 from nnxai.sliding_window import Slices, SlidingWindow
 from nnxai.smoothgrad import instance_smoothgrad, noise_generator
 
 SANITY_FOLDER = "sanity"
-GROUP_ORDER = ("TP", "FP", "FN", "unknown")
 
 
 class SanityError(click.ClickException):
@@ -211,12 +210,6 @@ def instance_logits(window: SlidingWindow, data: torch.Tensor, mask: np.ndarray)
         local = tuple(slice(t.start - r.start, t.stop - r.start) for t, r in zip(tile, region))
         blended[(slice(None), *local)] += weighted
     return blended[:, padded_mask[region]]
-
-
-def ordered_groups(groups: Sequence[str]) -> list[str]:
-    """Groups in the usual TP, FP, FN, unknown order, then any others."""
-    present = list(dict.fromkeys(groups))
-    return sorted(present, key=lambda g: (GROUP_ORDER.index(g) if g in GROUP_ORDER else len(GROUP_ORDER), g))
 
 
 def write_outputs(folder: Path, outputs: dict[str, pd.DataFrame | Figure | dict]) -> list[Path]:
