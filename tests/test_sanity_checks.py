@@ -44,7 +44,7 @@ def run(explained):
 
 
 def test_stored_maps_come_back_to_network_space(run):
-    """The maps read from OUT (input grid, transposed and resampled there) match the maps recomputed on the network grid."""
+    """Maps read from OUT (input grid: transposed, resampled) match the maps recomputed on the network grid."""
     case_input = run.case_input("case_0")
     masks = {i: case_input.mask(i) for i in (1, 2)}
     recomputed = smoothgrad_maps(run.window(), case_input.data, masks, run.settings, "case_0")

@@ -25,7 +25,8 @@ def run_options(command):
         click.option("--disable-tta", is_flag=True,
                      help="Predict without mirroring even if the explain run used it (faster, another model)."),
         click.option("--trust-checkpoint", is_flag=True,
-                     help="Allow checkpoints holding arbitrary Python objects (runs their code: trusted sources only)."),
+                     help="Allow checkpoints holding arbitrary Python objects (runs their code: trusted sources "
+                          "only)."),
     ]
     for option in reversed(options):
         command = option(command)
