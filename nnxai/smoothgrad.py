@@ -323,20 +323,20 @@ def _prepare_instances(window: SlidingWindow, layout: TileLayout, masks: Mapping
     for instance_id, mask in masks.items():
         padded_mask = window.pad(torch.as_tensor(np.asarray(mask, dtype=bool))[None].to(window.device))[0]
         tiles = [tile for tile in layout.tiles if bool(padded_mask[tile].any())]
-        region = _bounding_region(tiles, len(layout.padded_shape))
+        region = bounding_region(tiles, len(layout.padded_shape))
         shape = [channels, *(s.stop - s.start for s in region)]
         work[instance_id] = _InstanceWork(instance_id, padded_mask, tiles, region, RunningMean(shape, window.device))
     return work
 
 
-def _bounding_region(tiles: Sequence[Slices], dims: int) -> Slices:
+def bounding_region(tiles: Sequence[Slices], dims: int) -> Slices:
     """The smallest box holding all `tiles` (an empty box for no tiles)."""
     if not tiles:
         return tuple(slice(0, 0) for _ in range(dims))
     return tuple(slice(min(t[a].start for t in tiles), max(t[a].stop for t in tiles)) for a in range(dims))
 
 
-def _local(tile: Slices, region: Slices) -> Slices:
+def local_slices(tile: Slices, region: Slices) -> Slices:
     """`tile` in the coordinates of a box `region` that contains it."""
     return tuple(slice(t.start - r.start, t.stop - r.start) for t, r in zip(tile, region))
 
@@ -392,7 +392,7 @@ def _mean_sample(tiles: _Tiles, padded: torch.Tensor, active: Sequence[_Instance
             grad_outputs = torch.stack([w.mask[tile] * weight for w in batch])
             (gradients,) = tiles.engine.gradients(lesion_logits, [tile_input], grad_outputs)
             for w, gradient in zip(batch, gradients):
-                sample_maps[w.instance_id][(slice(None), *_local(tile, w.region))] += gradient
+                sample_maps[w.instance_id][(slice(None), *local_slices(tile, w.region))] += gradient
 
 
 def _max_sample(tiles: _Tiles, padded: torch.Tensor, active: Sequence[_InstanceWork],
@@ -405,7 +405,7 @@ def _max_sample(tiles: _Tiles, padded: torch.Tensor, active: Sequence[_InstanceW
     """
     for members, group in _voxels_by_tiles(tiles.layout, active):
         tile_group = [tile for tile, inside in zip(tiles.layout.tiles, members) if inside]
-        region = _bounding_region(tile_group, len(tiles.layout.padded_shape))
+        region = bounding_region(tile_group, len(tiles.layout.padded_shape))
         buffer_shape = (padded.shape[0], *(s.stop - s.start for s in region))
         batch_size = tiles.engine.batch_size(tiles.graph_bytes, bytes_per_target=4 * math.prod(buffer_shape))
         for batch in _batches(group, batch_size):
@@ -418,7 +418,7 @@ def _max_sample(tiles: _Tiles, padded: torch.Tensor, active: Sequence[_InstanceW
                     local = tuple(p - t.start for p, t in zip(position, tile))
                     grad_outputs[(index, *local)] = weight[local]
                 (gradients,) = tiles.engine.gradients(lesion_logits, [tile_input], grad_outputs)
-                buffer[(slice(None), slice(None), *_local(tile, region))] += gradients
+                buffer[(slice(None), slice(None), *local_slices(tile, region))] += gradients
             _keep_largest_magnitude(batch, buffer, region, sample_maps)
 
 
@@ -439,7 +439,7 @@ def _keep_largest_magnitude(batch: Sequence, buffer: torch.Tensor, region: Slice
                             sample_maps: dict[int, torch.Tensor]) -> None:
     """Merge each voxel's gradient into its instance's sample map where its magnitude is larger."""
     for index, (w, _) in enumerate(batch):
-        target = sample_maps[w.instance_id][(slice(None), *_local(region, w.region))]
+        target = sample_maps[w.instance_id][(slice(None), *local_slices(region, w.region))]
         candidate = buffer[index]
         larger = candidate.abs() > target.abs()
         target[larger] = candidate[larger]

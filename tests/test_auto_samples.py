@@ -8,6 +8,7 @@ import torch
 from nnxai.sliding_window import SlidingWindow
 from nnxai.smoothgrad import RunningMean, Sampling, smoothgrad_maps
 from tests.conftest import tiny_unet
+from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 SHAPE = (12, 10, 9)
 

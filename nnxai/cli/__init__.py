@@ -33,6 +33,7 @@ COMMANDS = {
     "trainers-path": "nnxai.cli.trainers:trainers_path",
     "evaluate": "nnxai.cli.evaluate:evaluate",
     "compare": "nnxai.cli.evaluate:compare",
+    "layers": "nnxai.cli.layers:layers",
     "fpfilter": "nnxai.cli.fpfilter:fpfilter",
     "experiment": "nnxai.cli.experiment:experiment",
     "merge": "nnxai.cli.merge:merge",
