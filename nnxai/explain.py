@@ -11,7 +11,8 @@ import platform
 import shutil
 import socket
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -21,13 +22,15 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from nnxai.gradcampp import VARIANTS, LayerError, check_layer, default_layer, instance_gradcampp
 from nnxai.geometry import (preprocess_array, probabilities_in_original_space, read_images, to_network_space, to_original_space,
                             voxel_volume_mm3, world_coordinates, write_volume)
 from nnxai.instances import LesionInstance, case_instances
 from nnxai.model import LoadedModel
-from nnxai.smoothgrad import instance_smoothgrad, noise_generator
+from nnxai.smoothgrad import (AGGREGATIONS, AMP_DTYPES, GradientEngine, GradientError, Sampling, noise_generator,
+                              smoothgrad_maps)
 
-METHODS = ("smoothgrad",)
+METHODS = ("smoothgrad", "gradcampp")
 CASE_TABLE = "instances.csv"
 RUN_RECORD = "run.json"
 
@@ -40,9 +43,16 @@ class CaseError(Exception):
 class ExplainSettings:
     """Everything that determines the maps of a run (recorded in run.json)."""
 
-    method: str = "smoothgrad"
-    samples: int = 50
+    methods: tuple[str, ...] = ("smoothgrad",)
+    samples: int | str = 50  # or "auto": until each map converged (tol, max_samples)
     noise: float = 0.05
+    aggregation: str = "mean"
+    tol: float = 0.05
+    max_samples: int = 200
+    layer: str | None = None  # Grad-CAM++ layer; None: the last decoder stage (resolved before the run record)
+    gradcampp_variant: str = "monai"
+    normalize: bool = False
+    amp: str | None = None
     threshold: float = 0.5
     min_size: int = 1
     connectivity: int = 18
@@ -52,6 +62,27 @@ class ExplainSettings:
     step_size: float = 0.5
     use_mirroring: bool = True
     lesion_label: int = 1
+
+    @property
+    def method(self) -> str:
+        """The first method (runs with one method)."""
+        return self.methods[0]
+
+    def sampling(self) -> Sampling:
+        return Sampling(None if self.samples == "auto" else int(self.samples), self.tol, self.max_samples)
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How gradients are computed (see GradientEngine): the maps do not depend on it beyond float rounding, so a
+    run may resume with other values."""
+
+    backward: str = "auto"
+    max_batch: int = 16
+    memory_budget_mb: float | None = None
+
+    def engine(self, amp: str | None) -> GradientEngine:
+        return GradientEngine(self.backward, self.max_batch, amp, self.memory_budget_mb)
 
 
 @dataclass
@@ -154,31 +185,42 @@ def _network_masks(model: LoadedModel, instances: list[LesionInstance], properti
     return masks
 
 
-def _instance_row(case: str, instance: LesionInstance, probability: np.ndarray, properties: dict,
-                  network_mask: np.ndarray, maps: np.ndarray, channel_names: list[str], method: str) -> dict:
+def _base_row(case: str, instance: LesionInstance, probability: np.ndarray, properties: dict,
+              network_mask: np.ndarray) -> dict:
     voxels = int(instance.mask.sum())
     centroid = world_coordinates(properties, np.argwhere(instance.mask).mean(axis=0))
-    row = {"case": case, "instance_id": instance.instance_id, "group": instance.group, "voxels": voxels,
-           "volume_mm3": voxels * voxel_volume_mm3(properties),
-           "centroid_x": centroid[0], "centroid_y": centroid[1], "centroid_z": centroid[2],
-           "mean_probability": float(probability[instance.mask].mean()),
-           "network_voxels": int(network_mask.sum())}
+    return {"case": case, "instance_id": instance.instance_id, "group": instance.group, "voxels": voxels,
+            "volume_mm3": voxels * voxel_volume_mm3(properties),
+            "centroid_x": centroid[0], "centroid_y": centroid[1], "centroid_z": centroid[2],
+            "mean_probability": float(probability[instance.mask].mean()),
+            "network_voxels": int(network_mask.sum())}
+
+
+def _statistics(values: np.ndarray, columns: dict[str, str]) -> dict[str, float]:
+    """Statistics of `values` (peak_pos or peak: max, peak_neg: min, mean) under the given names; NaN if empty."""
+    functions = {"peak_pos": np.max, "peak": np.max, "peak_neg": np.min, "mean": np.mean}
+    return {column: np.nan if values.size == 0 else float(functions[stat](values)) for stat, column in columns.items()}
+
+
+def _instance_row(case: str, instance: LesionInstance, probability: np.ndarray, properties: dict,
+                  network_mask: np.ndarray, maps: np.ndarray, channel_names: list[str], method: str) -> dict:
+    """An instance's table row with the peak positive, peak negative and mean of each channel's map inside it."""
+    row = _base_row(case, instance, probability, properties, network_mask)
     for channel, name in enumerate(channel_names):
-        inside = maps[channel][network_mask]
-        empty = inside.size == 0
-        row[f"{method}_{name}_peak_pos"] = np.nan if empty else float(inside.max())
-        row[f"{method}_{name}_peak_neg"] = np.nan if empty else float(inside.min())
-        row[f"{method}_{name}_mean"] = np.nan if empty else float(inside.mean())
+        row.update(_statistics(maps[channel][network_mask],
+                               {stat: f"{method}_{name}_{stat}" for stat in ("peak_pos", "peak_neg", "mean")}))
     return row
 
 
 def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path, settings: ExplainSettings,
-                 gt_file: Path | None = None, device: str = "cpu", progress: bool = False) -> pd.DataFrame:
+                 gt_file: Path | None = None, device: str = "cpu", progress: bool = False,
+                 engine: GradientEngine | None = None) -> pd.DataFrame:
     """Predict, find instances and explain each one; writes `out_dir/<case>/` atomically, returns its table."""
     check_channels(files)
     images, properties = read_images(model, files)
     data = preprocess_array(model, images, properties)
     window = model.sliding_window(settings.step_size, settings.use_mirroring, device)
+    engine = engine or GradientEngine(amp=settings.amp)
     tensor = torch.from_numpy(data)
     with torch.no_grad():
         logits = window.logits(tensor)
@@ -188,8 +230,14 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
     instances = case_instances(prediction, ground_truth, settings.connectivity, settings.min_size, settings.rule,
                                settings.iou_threshold)
     network_masks = _network_masks(model, instances, properties) if instances else {}
-    maps = instance_smoothgrad(window, tensor, network_masks, settings.samples, settings.noise,
-                               noise_generator(settings.seed, case), settings.lesion_label, progress)
+    smoothgrad = cams = None
+    if "smoothgrad" in settings.methods:
+        smoothgrad = smoothgrad_maps(window, tensor, network_masks, settings.sampling(), settings.noise,
+                                     noise_generator(settings.seed, case), settings.lesion_label, settings.aggregation,
+                                     engine, progress)
+    if "gradcampp" in settings.methods:
+        cams = instance_gradcampp(window, tensor, network_masks, settings.layer, settings.gradcampp_variant,
+                                  settings.normalize, settings.lesion_label, engine, progress)
 
     staging = out_dir / f".{case}.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -200,24 +248,40 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
     write_volume(instance_labels, staging / "instances.nii.gz", properties)
     rows = []
     for instance in instances:
-        instance_maps = maps[instance.instance_id]
-        original = to_original_space(model, instance_maps, properties)
-        for channel, name in enumerate(model.channel_names):
-            write_volume(original[channel], staging / settings.method / f"{instance.instance_id:03d}_{name}.nii.gz",
-                         properties)
-        rows.append(_instance_row(case, instance, probability, properties, network_masks[instance.instance_id],
-                                  instance_maps, model.channel_names, settings.method))
-    table = pd.DataFrame(rows, columns=table_columns(model.channel_names, settings.method))
+        network_mask = network_masks[instance.instance_id]
+        row = _base_row(case, instance, probability, properties, network_mask)
+        if smoothgrad is not None:
+            result = smoothgrad[instance.instance_id]
+            original = to_original_space(model, result.map, properties)
+            for channel, name in enumerate(model.channel_names):
+                write_volume(original[channel], staging / "smoothgrad" / f"{instance.instance_id:03d}_{name}.nii.gz",
+                             properties)
+            row = _instance_row(case, instance, probability, properties, network_mask, result.map,
+                                model.channel_names, "smoothgrad")
+            row.update(smoothgrad_samples=result.samples, smoothgrad_rel_std_error=result.relative_standard_error)
+        if cams is not None:
+            cam = cams[instance.instance_id]
+            write_volume(to_original_space(model, cam[None], properties)[0],
+                         staging / "gradcampp" / f"{instance.instance_id:03d}.nii.gz", properties)
+            row.update(_statistics(cam[network_mask], {"peak": "gradcampp_peak", "mean": "gradcampp_mean"}))
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=table_columns(model.channel_names, settings.methods))
     table.to_csv(staging / CASE_TABLE, index=False)
     _replace_folder(staging, out_dir / case)
     return table
 
 
-def table_columns(channel_names: list[str], method: str) -> list[str]:
+def table_columns(channel_names: list[str], methods: str | Sequence[str]) -> list[str]:
     """Columns of the instance tables, in order."""
+    methods = (methods,) if isinstance(methods, str) else tuple(methods)
     columns = ["case", "instance_id", "group", "voxels", "volume_mm3", "centroid_x", "centroid_y", "centroid_z",
                "mean_probability", "network_voxels"]
-    return columns + [f"{method}_{name}_{stat}" for name in channel_names for stat in ("peak_pos", "peak_neg", "mean")]
+    if "smoothgrad" in methods:
+        columns += [f"smoothgrad_{name}_{stat}" for name in channel_names for stat in ("peak_pos", "peak_neg", "mean")]
+        columns += ["smoothgrad_samples", "smoothgrad_rel_std_error"]
+    if "gradcampp" in methods:
+        columns += ["gradcampp_peak", "gradcampp_mean"]
+    return columns
 
 
 def _replace_folder(staging: Path, final: Path) -> None:
@@ -240,7 +304,8 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def run_record(model: LoadedModel, settings: ExplainSettings, images_dir: Path, gt_dir: Path | None) -> dict:
+def run_record(model: LoadedModel, settings: ExplainSettings, images_dir: Path, gt_dir: Path | None,
+               compute: ComputeOptions = ComputeOptions()) -> dict:
     """Parameters, model identity (with checkpoint hashes), seed and package versions of a run."""
     packages = {}
     for name in ("nnxai", "nnunetv2", "torch", "numpy", "scipy", "SimpleITK", "connected-components-3d"):
@@ -248,7 +313,8 @@ def run_record(model: LoadedModel, settings: ExplainSettings, images_dir: Path, 
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             packages[name] = None
-    return {"settings": asdict(settings), "model": model.describe(), "images": str(images_dir),
+    return {"settings": asdict(settings), "compute": asdict(compute), "model": model.describe(),
+            "images": str(images_dir),
             "file_ending": model.dataset_json["file_ending"],
             "ground_truth": str(gt_dir) if gt_dir else None, "channels": model.channel_names,
             "python": platform.python_version(), "packages": packages,
@@ -285,16 +351,46 @@ def prepare_output_folder(out_dir: Path) -> None:
         raise CaseError(f"{out_dir}: output folder is not writable")
 
 
+def check_settings(model: LoadedModel, settings: ExplainSettings) -> ExplainSettings:
+    """Refuse unknown choices (one line each) and fill in the Grad-CAM++ layer, checked against the network."""
+    choices = {"method": (settings.methods, METHODS), "aggregation": ((settings.aggregation,), AGGREGATIONS),
+               "Grad-CAM++ variant": ((settings.gradcampp_variant,), VARIANTS),
+               "amp": ((settings.amp,) if settings.amp else (), tuple(AMP_DTYPES))}
+    for what, (given, allowed) in choices.items():
+        unknown = [value for value in given if value not in allowed]
+        if unknown:
+            raise CaseError(f"unknown {what} {unknown[0]!r}; choose from {', '.join(allowed)}")
+    if not settings.methods:
+        raise CaseError(f"no method given; choose from {', '.join(METHODS)}")
+    try:
+        sampling = settings.sampling()
+    except ValueError as error:
+        raise CaseError(f"samples {settings.samples!r}: {error}") from None
+    if "gradcampp" not in settings.methods:
+        return replace(settings, samples=sampling.samples or "auto")
+    network = model.networks[0]
+    try:
+        layer = settings.layer or default_layer(network)
+        check_layer(network, layer, model.configuration_manager.patch_size, len(model.channel_names))
+    except LayerError as error:
+        raise CaseError(str(error)) from None
+    return replace(settings, samples=sampling.samples or "auto", layer=layer)
+
+
 def explain_cohort(model: LoadedModel, images_dir: Path, out_dir: Path, settings: ExplainSettings,
                    gt_dir: Path | None = None, num_parts: int = 1, part_id: int = 0, overwrite: bool = False,
-                   device: str = "cpu", progress: bool = True) -> CohortResult:
-    """Explain every case of an nnU-Net input folder (one shard of it), skipping cases already finished."""
-    if settings.method not in METHODS:
-        raise CaseError(f"unknown method {settings.method!r}; choose from {', '.join(METHODS)}")
+                   device: str = "cpu", progress: bool = True,
+                   compute: ComputeOptions = ComputeOptions()) -> CohortResult:
+    """Explain every case of an nnU-Net input folder (one shard of it), skipping cases already finished.
+
+    One gradient engine serves all cases, so the backward mode is measured once (`compute.backward="auto"`).
+    """
+    settings = check_settings(model, settings)
+    engine = compute.engine(settings.amp)
     file_ending = model.dataset_json["file_ending"]
     cases = find_cases(images_dir, file_ending, len(model.channel_names))
     prepare_output_folder(out_dir)
-    record = run_record(model, settings, images_dir, gt_dir)
+    record = run_record(model, settings, images_dir, gt_dir, compute)
     _check_resumable(out_dir, record, overwrite)
     write_atomically(out_dir / RUN_RECORD, json.dumps(record, indent=2, default=str) + "\n")
     result = CohortResult([], [], {})
@@ -305,11 +401,16 @@ def explain_cohort(model: LoadedModel, images_dir: Path, out_dir: Path, settings
             continue
         gt_file = None if gt_dir is None else gt_dir / f"{case}{file_ending}"
         try:
-            explain_case(model, case, cases[case], out_dir, settings, gt_file, device, progress)
+            explain_case(model, case, cases[case], out_dir, settings, gt_file, device, progress, engine)
+        except GradientError as error:  # a memory budget or precision that no case can work with
+            raise CaseError(f"{case}: {error}") from None
         except CaseError as error:
             result.failed[case] = str(error)
             tqdm.write(f"error: {error}", file=sys.stderr)
             continue
         result.explained.append(case)
     write_atomically(out_dir / CASE_TABLE, collect_tables(out_dir).to_csv(index=False))
+    if engine.timings:  # the backward mode "auto" chose, and the seconds that decided it
+        record["compute"].update(backward_chosen=engine.chosen, backward_seconds=engine.timings)
+        write_atomically(out_dir / RUN_RECORD, json.dumps(record, indent=2, default=str) + "\n")
     return result

@@ -55,7 +55,8 @@ def default_layer(network: nn.Module) -> str:
     """The last decoder stage of an nnU-Net U-Net: full resolution, just before the segmentation head."""
     stages = getattr(getattr(network, "decoder", None), "stages", None)
     if not stages:
-        raise LayerError(f"{type(network).__name__} has no decoder.stages; choose --layer (list: nnxai layers -m MODEL)")
+        raise LayerError(f"{type(network).__name__} has no decoder.stages; "
+                         "choose --layer (list: nnxai layers -m MODEL)")
     return f"decoder.stages.{len(stages) - 1}"
 
 

@@ -1,13 +1,18 @@
 """Convergence-based sampling (`--samples auto`): running statistics, stopping rule, independence of instances."""
+import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from click.testing import CliRunner
 
+from nnxai.cli import main
 from nnxai.sliding_window import SlidingWindow
 from nnxai.smoothgrad import RunningMean, Sampling, smoothgrad_maps
 from tests.conftest import tiny_unet
+from tests.fake_model import write_case, write_model_folder
 from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 SHAPE = (12, 10, 9)
@@ -75,3 +80,25 @@ def test_auto_sampling_stops_at_the_cap():
 def test_invalid_sampling_is_refused(sampling):
     with pytest.raises(ValueError):
         Sampling(**sampling)
+
+
+def test_explain_records_samples_used_and_standard_error_per_instance(tmp_path):
+    write_model_folder(tmp_path / "model")
+    write_case(tmp_path / "images", "case_0", seed=0)
+    result = CliRunner().invoke(main, ["explain", "-i", str(tmp_path / "images"), "-o", str(tmp_path / "out"),
+                                       "-m", str(tmp_path / "model"), "--samples", "auto", "--tol", "0.3",
+                                       "--max-samples", "8", "--disable_tta", "-device", "cpu"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "out" / "instances.csv")
+    assert len(table) == 2
+    for row in table.itertuples():
+        assert 5 <= row.smoothgrad_samples <= 8
+        assert row.smoothgrad_rel_std_error <= 0.3 or row.smoothgrad_samples == 8
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["settings"]["samples"] == "auto"
+
+
+@pytest.mark.parametrize("samples", ["0", "many"])
+def test_bad_sample_counts_are_refused(tmp_path, samples):
+    result = CliRunner().invoke(main, ["explain", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m",
+                                       str(tmp_path), "--samples", samples])
+    assert result.exit_code == 2 and f"'{samples}' is neither a positive number nor 'auto'" in result.output

@@ -1,7 +1,11 @@
 """Instance-level Grad-CAM++: the formula against the paper's equations, tiling/blending against a whole-volume
-reference, hooks on real nnU-Net blocks, layer errors and the `nnxai layers` command."""
+reference, hooks on real nnU-Net blocks, layer errors, `nnxai layers` and `nnxai explain --method gradcampp`."""
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
@@ -12,7 +16,7 @@ from nnxai.gradcampp import LayerError, check_layer, default_layer, gradcampp_ma
 from nnxai.sliding_window import SlidingWindow
 from tests.conftest import tiny_unet
 from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
-from tests.fake_model import write_model_folder
+from tests.fake_model import write_case, write_model_folder
 
 
 def paper_gradcampp(activations, d_score, score, variant):
@@ -50,7 +54,8 @@ def test_formula_matches_the_papers_equations(variant):
 def test_the_two_variants_differ():
     rng = np.random.default_rng(1)
     activations, gradients = (torch.from_numpy(rng.normal(0.5, 1, (3, 5, 5, 5))) for _ in range(2))
-    assert not torch.allclose(gradcampp_map(activations, gradients, "monai"), gradcampp_map(activations, gradients, "paper"))
+    monai, paper = (gradcampp_map(activations, gradients, variant) for variant in ("monai", "paper"))
+    assert not torch.allclose(monai, paper)
 
 
 class WithInputLayer(nn.Module):
@@ -118,7 +123,8 @@ def test_hooked_nnunet_block_in_one_tile_matches_direct_hook(layer):
     (gradient,) = torch.autograd.grad((logits[0, 1] * torch.as_tensor(mask)).sum(), captured[0])
     expected = torch.from_numpy(paper_gradcampp(captured[0][0].detach().numpy(), gradient[0].numpy(), 0.0, "monai"))
     if expected.shape != (8, 8, 8):
-        expected = F.interpolate(expected[None, None].float(), size=(8, 8, 8), mode="trilinear", align_corners=False)[0, 0]
+        expected = F.interpolate(expected[None, None].float(), size=(8, 8, 8), mode="trilinear",
+                                 align_corners=False)[0, 0]
     ours = instance_gradcampp(SlidingWindow([network], (8, 8, 8)), data, {1: mask}, layer=layer)[1]
     assert expected.max() > 0
     np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-4, atol=1e-6 * float(expected.max()))
@@ -165,3 +171,51 @@ def test_layers_command_lists_layers_and_marks_the_default(tmp_path):
     lines = result.output.splitlines()
     assert any(line.split()[:4] == ["decoder.stages.0", "4", "1x1x1", "(default)"] for line in lines)
     assert any(line.split()[:3] == ["encoder.stages.1", "8", "2x2x2"] for line in lines)
+
+
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory):
+    """One fake case explained with both methods in one run through the CLI (comma list)."""
+    root = tmp_path_factory.mktemp("gradcampp")
+    write_model_folder(root / "model")
+    write_case(root / "images", "case_0", seed=0, labels_dir=root / "labels")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    result = CliRunner().invoke(main, ["explain", "-i", str(root / "images"), "-o", str(root / "out"), "-m",
+                                       str(root / "model"), "--gt", str(root / "labels"), "--samples", "1",
+                                       "--method", "smoothgrad,gradcampp", "--disable_tta", "-device", "cpu"])
+    torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def test_both_methods_in_one_run_write_maps_and_columns(explained):
+    out = explained / "out"
+    source = sitk.ReadImage(str(explained / "images" / "case_0_0000.nii.gz"))
+    table = pd.read_csv(out / "case_0" / "instances.csv")
+    assert len(table) == 2 and (table.gradcampp_peak >= table.gradcampp_mean).all() and (table.gradcampp_mean > 0).all()
+    assert {"smoothgrad_FLAIR_peak_pos", "smoothgrad_samples", "smoothgrad_rel_std_error"} <= set(table.columns)
+    instances = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case_0" / "instances.nii.gz")))
+    for row in table.itertuples():
+        image = sitk.ReadImage(str(out / "case_0" / "gradcampp" / f"{row.instance_id:03d}.nii.gz"))
+        assert image.GetSize() == source.GetSize() and np.allclose(image.GetDirection(), source.GetDirection())
+        cam = sitk.GetArrayFromImage(image)
+        assert cam.min() >= -1e-4  # a ReLU map (resampling may undershoot a hair)
+        assert (out / "case_0" / "smoothgrad" / f"{row.instance_id:03d}_FLAIR.nii.gz").is_file()
+    record = json.loads((out / "run.json").read_text())
+    assert record["settings"]["methods"] == ["smoothgrad", "gradcampp"]
+    assert record["settings"]["layer"] == "decoder.stages.0"  # the default, resolved and recorded
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--method", "gradcampp", "--layer", "nope"], "Error: unknown layer 'nope'; valid layers: encoder.stages.0,"),
+    (["--method", "gradcampp", "--layer", "encoder.stages.0.0.convs.0.norm"],
+     "Error: layer 'encoder.stages.0.0.convs.0.norm' cannot be hooked: its output is modified in place"),
+    (["--method", "gradcam"], "unknown method 'gradcam'; choose from smoothgrad, gradcampp"),
+    (["--amp"], "--amp needs -device cuda"),
+])
+def test_bad_gradcampp_and_amp_options_are_one_line_errors(explained, tmp_path, arguments, message):
+    result = CliRunner().invoke(main, ["explain", "-i", str(explained / "images"), "-o", str(tmp_path / "out"),
+                                       "-m", str(explained / "model"), "-device", "cpu", *arguments])
+    assert result.exit_code != 0 and message in result.output
+    assert not list((tmp_path / "out").glob("*/instances.csv"))

@@ -1,11 +1,17 @@
 """Max aggregation and the gradient engine: batched backward passes equal a one-voxel-at-a-time loop."""
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from click.testing import CliRunner
 
+from nnxai.cli import main
 from nnxai.sliding_window import SlidingWindow
 from nnxai.smoothgrad import GradientEngine, GradientError, Sampling, noise_sigma, smoothgrad_maps
 from tests.conftest import tiny_unet
+from tests.fake_model import write_case, write_model_folder
 from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 SHAPE = (12, 10, 9)  # 2 x 2 x 2 tiles of 8^3
@@ -111,3 +117,19 @@ def test_mixed_precision_maps_stay_close_to_float32(amp):
     mixed = smoothgrad_maps(window, data, {2: masks[2]}, Sampling(1), noise=0.0, engine=GradientEngine(amp=amp))[2].map
     # bf16 keeps 8 mantissa bits, fp16 11: a few percent of the map's norm, never exact
     assert 0 < np.linalg.norm(mixed - reference) < 0.1 * np.linalg.norm(reference)
+
+
+def test_explain_with_max_aggregation_and_a_too_small_memory_budget(tmp_path):
+    write_model_folder(tmp_path / "model")
+    write_case(tmp_path / "images", "case_0", seed=0)
+    base = ["explain", "-i", str(tmp_path / "images"), "-m", str(tmp_path / "model"), "--aggregation", "max",
+            "--samples", "1", "--disable_tta", "-device", "cpu", "--backward", "batched", "--max-batch", "64"]
+    result = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "out" / "instances.csv")
+    assert len(table) == 2 and (table.smoothgrad_FLAIR_peak_pos > 0).all() and (table.smoothgrad_samples == 1).all()
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["settings"]["aggregation"] == "max"
+    result = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "small"), "--memory-budget", "0.05"])
+    assert result.exit_code == 1
+    assert "Error: case_0: memory budget 0.05 MB is too small for one tile" in result.output
+    assert not (tmp_path / "small" / "case_0").exists()

@@ -7,9 +7,11 @@ from pathlib import Path
 import click
 import torch
 
-from nnxai.explain import METHODS, CaseError, ExplainSettings, explain_cohort, prepare_output_folder
+from nnxai.explain import METHODS, CaseError, ComputeOptions, ExplainSettings, explain_cohort, prepare_output_folder
+from nnxai.gradcampp import VARIANTS
 from nnxai.instances import CONNECTIVITIES, MATCHING_RULES
 from nnxai.model import load_model, model_folder
+from nnxai.smoothgrad import AGGREGATIONS, AMP_DTYPES, BACKWARD_MODES
 
 
 def resolve_device(name: str) -> str:
@@ -19,6 +21,28 @@ def resolve_device(name: str) -> str:
     if name == "mps" and not torch.backends.mps.is_available():
         raise click.ClickException("-device mps: Apple MPS is not available here (use -device cpu)")
     return name
+
+
+def parse_methods(_ctx, _param, values: tuple[str, ...]) -> tuple[str, ...]:
+    """`--method a --method b` or `--method a,b`: the methods in the order given, each once."""
+    methods = tuple(dict.fromkeys(m.strip() for value in values for m in value.split(",") if m.strip()))
+    for method in methods:
+        if method not in METHODS:
+            raise click.BadParameter(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return methods or ("smoothgrad",)
+
+
+def parse_samples(_ctx, _param, value: str) -> int | str:
+    """A positive number of noise samples, or "auto"."""
+    if value == "auto":
+        return value
+    try:
+        samples = int(value)
+    except ValueError:
+        samples = 0
+    if samples < 1:
+        raise click.BadParameter(f"{value!r} is neither a positive number nor 'auto'")
+    return samples
 
 
 @click.command("explain", context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,8 +65,32 @@ def resolve_device(name: str) -> str:
 @click.option("-part_id", type=click.IntRange(min=0), default=0, show_default=True, help="Which part this run does.")
 @click.option("--gt", "gt_dir", type=click.Path(path_type=Path),
               help="Ground-truth labels folder (CASE.nii.gz): groups instances into TP / FP / FN.")
-@click.option("--method", type=click.Choice(METHODS), default="smoothgrad", show_default=True)
-@click.option("--samples", type=click.IntRange(min=1), default=50, show_default=True, help="SmoothGrad noise samples.")
+@click.option("--method", "methods", multiple=True, callback=parse_methods,
+              help=f"Saliency method(s): {', '.join(METHODS)}; repeat the option or separate with commas "
+                   "[default: smoothgrad].")
+@click.option("--samples", default="50", show_default=True, callback=parse_samples,
+              help="SmoothGrad noise samples, or 'auto': per instance until its map converged (--tol, --max-samples).")
+@click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
+              help="--samples auto: stop when the map's relative standard error (L2 and at its peak) is below this.")
+@click.option("--max-samples", type=click.IntRange(min=5), default=200, show_default=True,
+              help="--samples auto: at most this many samples.")
+@click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="mean", show_default=True,
+              help="SmoothGrad over the instance: gradient of its summed logits (mean), or per voxel, keeping the "
+                   "largest magnitude at each position (max; one backward pass per instance voxel).")
+@click.option("--layer", help="Grad-CAM++ layer (list: nnxai layers -m MODEL) [default: the last decoder stage].")
+@click.option("--gradcampp-variant", type=click.Choice(VARIANTS), default="monai", show_default=True,
+              help="alpha's denominator: sum(A g^3) as MONAI (monai), or sum(A) g^3 as the paper's Eq. 19 (paper).")
+@click.option("--normalize", is_flag=True, help="Min-max scale each Grad-CAM++ map to [0, 1] (default: raw values).")
+@click.option("--amp", type=click.Choice(tuple(AMP_DTYPES)), is_flag=False, flag_value="bf16", default=None,
+              help="Mixed precision on CUDA (--amp = bf16; fp16 with scaled gradients). See docs/methods.md for "
+                   "its accuracy.")
+@click.option("--backward", type=click.Choice(BACKWARD_MODES), default="auto", show_default=True,
+              help="Backward passes one by one (loop), vmapped in batches (batched), or the faster of the two as "
+                   "measured on the first batch (auto).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most gradient targets (instances, or voxels with --aggregation max) per batch.")
+@click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True),
+              help="MB for one tile's graph plus one batch of gradients; lowers --max-batch to fit.")
 @click.option("--noise", type=click.FloatRange(min=0), default=0.05, show_default=True,
               help="Noise sigma as a fraction of the FLAIR range of the network input.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
@@ -58,14 +106,18 @@ def resolve_device(name: str) -> str:
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow checkpoints holding arbitrary Python objects (runs their code: trusted sources only).")
 def explain(images, out, model_dir, dataset, configuration, trainer, plans, folds, checkpoint, device, step_size,
-            disable_tta, num_parts, part_id, gt_dir, method, samples, noise, threshold, min_size, connectivity, rule,
-            iou_threshold, seed, overwrite, trust_checkpoint) -> None:
+            disable_tta, num_parts, part_id, gt_dir, methods, samples, tol, max_samples, aggregation, layer,
+            gradcampp_variant, normalize, amp, backward, max_batch, memory_budget, noise, threshold, min_size,
+            connectivity, rule, iou_threshold, seed, overwrite, trust_checkpoint) -> None:
     """Explain each lesion instance nnU-Net predicts (or misses, with --gt) in every case of -i."""
     if model_dir is None and dataset is None:
         raise click.UsageError("give a model: -m MODEL_FOLDER, or -d DATASET [-c -tr -p]")
     if part_id >= num_parts:
         raise click.UsageError(f"-part_id {part_id} must be smaller than -num_parts {num_parts}")
     device = resolve_device(device)
+    if amp and device != "cuda":
+        raise click.UsageError(f"--amp needs -device cuda: autocast on {device} is slower than float32 here and "
+                               "less accurate; leave --amp out")
     if model_dir is None and not os.environ.get("nnUNet_results"):
         raise click.UsageError("-d needs the environment variable nnUNet_results (nnU-Net's trained models folder); "
                                "set it, or give the model folder with -m")
@@ -75,11 +127,15 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
         raise click.ClickException(str(error)) from None
     folder = model_dir or model_folder(dataset, configuration, trainer, plans)
     model = load_model(folder, list(folds) or None, checkpoint, trust_checkpoint)
-    settings = ExplainSettings(method=method, samples=samples, noise=noise, threshold=threshold, min_size=min_size,
+    settings = ExplainSettings(methods=methods, samples=samples, noise=noise, aggregation=aggregation, tol=tol,
+                               max_samples=max_samples, layer=layer, gradcampp_variant=gradcampp_variant,
+                               normalize=normalize, amp=amp, threshold=threshold, min_size=min_size,
                                connectivity=int(connectivity), rule=rule, iou_threshold=iou_threshold, seed=seed,
                                step_size=step_size, use_mirroring=not disable_tta)
+    compute = ComputeOptions(backward, max_batch, memory_budget)
     try:
-        result = explain_cohort(model, images, out, settings, gt_dir, num_parts, part_id, overwrite, device)
+        result = explain_cohort(model, images, out, settings, gt_dir, num_parts, part_id, overwrite, device,
+                                compute=compute)
     except CaseError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"explained {len(result.explained)} case(s), skipped {len(result.skipped)} finished, "
