@@ -1,0 +1,30 @@
+"""A fast smoke run of the benchmark script: tiny network, 4 mm phantom, two instances, every comparison."""
+import json
+
+from click.testing import CliRunner
+
+from benchmarks.explain_benchmark import main, spread
+from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
+
+
+def test_benchmark_runs_every_part_and_its_maps_agree(tmp_path):
+    arguments = ["--workdir", str(tmp_path), "--cases", "4", "--case", "phantom_001", "--spacing", "4",
+                 "--instances", "2", "--features", "4,8", "--convs", "1", "--patch", "16", "--samples", "1",
+                 "--max-voxels", "4", "--auto-instances", "2", "--fixed-samples", "3", "--reference-samples", "4",
+                 "--max-samples", "6", "--json", str(tmp_path / "figures.json")]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert figures["setup"]["instances"] == 2 and figures["setup"]["mean_tiles_per_instance"] >= 1
+    mean = figures["mean"]
+    assert mean["(ii) Captum NoiseTunnel(Saliency)"]["max_rel_difference"] < 1e-4  # same noise, same maps
+    assert mean[next(k for k in mean if k.startswith("(iii) ours"))]["max_rel_difference"] < 1e-4
+    assert all(run["max_rel_difference"] < 1e-4 for name, run in figures["max"].items() if name.startswith("ours"))
+    assert all(5 <= row["samples"] <= 6 for row in figures["auto"]["per_instance"])
+    assert 0 < figures["amp"]["bf16"]["median_rel_l2"] < 0.2
+    assert "ours is" in result.output and "tiles per instance on average" in result.output
+
+
+def test_spread_picks_evenly_over_the_order():
+    assert spread([1, 2, 3, 4, 5, 6, 7], 3) == [1, 4, 7]
+    assert spread([1, 2], 5) == [1, 2] and spread([4, 5, 6], 1) == [4]
