@@ -6,7 +6,6 @@ Everything is computed in network space (nnU-Net's preprocessed grid), where the
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -22,9 +21,10 @@ from matplotlib.figure import Figure
 from nnxai.explain import RUN_RECORD, ExplainSettings, find_cases, write_atomically
 from nnxai.explain_output import GROUP_ORDER, AnalysisInputError, load_explain_output
 from nnxai.geometry import preprocess, to_network_space
+from nnxai.gradcampp import instance_gradcampp
 from nnxai.model import LoadedModel, load_model
 from nnxai.sliding_window import Slices, SlidingWindow
-from nnxai.smoothgrad import instance_smoothgrad, noise_generator
+from nnxai.smoothgrad import GradientEngine, noise_generator, smoothgrad_maps
 
 SANITY_FOLDER = "sanity"
 
@@ -37,32 +37,30 @@ MapFunction = Callable[[SlidingWindow, torch.Tensor, dict[int, np.ndarray], Expl
                        dict[int, np.ndarray]]
 
 
-def smoothgrad_maps(window: SlidingWindow, data: torch.Tensor, masks: dict[int, np.ndarray],
+def explain_smoothgrad(window: SlidingWindow, data: torch.Tensor, masks: dict[int, np.ndarray],
                     settings: ExplainSettings, case: str) -> dict[int, np.ndarray]:
-    """SmoothGrad maps exactly as `nnxai explain` makes them (same samples, noise level and noise stream)."""
-    return instance_smoothgrad(window, data, masks, settings.samples, settings.noise,
-                               noise_generator(settings.seed, case), settings.lesion_label)
+    """SmoothGrad maps exactly as `nnxai explain` makes them (same sampling, noise, noise stream and aggregation)."""
+    results = smoothgrad_maps(window, data, masks, settings.sampling(), settings.noise,
+                              noise_generator(settings.seed, case), settings.lesion_label, settings.aggregation,
+                              GradientEngine(amp=settings.amp))
+    return {instance_id: result.map for instance_id, result in results.items()}
 
 
-def gradcampp_maps(window: SlidingWindow, data: torch.Tensor, masks: dict[int, np.ndarray],
+def explain_gradcampp(window: SlidingWindow, data: torch.Tensor, masks: dict[int, np.ndarray],
                    settings: ExplainSettings, case: str) -> dict[int, np.ndarray]:
-    """Grad-CAM++ maps at the module's default layer and variant, as one (1, *spatial) map for all channels."""
-    from nnxai.gradcampp import instance_gradcampp
-
-    maps = instance_gradcampp(window, data, masks, lesion_channel=settings.lesion_label)
+    """Grad-CAM++ maps as `nnxai explain` makes them (same layer and variant), each as a (1, *spatial) map."""
+    maps = instance_gradcampp(window, data, masks, settings.layer, settings.gradcampp_variant, settings.normalize,
+                              settings.lesion_label, GradientEngine(amp=settings.amp))
     return {instance_id: cam[None] for instance_id, cam in maps.items()}
 
 
 def map_methods() -> dict[str, MapFunction]:
-    """Explanation methods the checks can recompute, by the name `nnxai explain --method` uses.
+    """Explanation methods the checks can recompute, by the names `nnxai explain --method` uses.
 
     A method's function returns, per instance, (C, *spatial) maps (one per input channel) or a (1, *spatial)
-    map for all channels. Grad-CAM++ is offered when its module is installed.
+    map for all channels.
     """
-    methods = {"smoothgrad": smoothgrad_maps}
-    if importlib.util.find_spec("nnxai.gradcampp") is not None:
-        methods["gradcampp"] = gradcampp_maps
-    return methods
+    return {"smoothgrad": explain_smoothgrad, "gradcampp": explain_gradcampp}
 
 
 def check_methods(methods: Sequence[str]) -> None:

@@ -14,7 +14,7 @@ from nnxai.faithfulness import DELETION, deletion_areas, deletion_check, stored_
 from nnxai.gradcheck import gradcheck_verdict, gradient_check
 from nnxai.model import load_model
 from nnxai.randomization import CASCADING, REFERENCE, randomization_check, randomization_verdicts
-from nnxai.sanity import SanityError, load_run, map_methods, select_instances, smoothgrad_maps
+from nnxai.sanity import SanityError, explain_smoothgrad, load_run, select_instances
 from tests.fake_model import write_case, write_model_folder
 
 
@@ -32,7 +32,7 @@ def explained(tmp_path_factory):
     root = tmp_path_factory.mktemp("sanity")
     write_case(root / "images", "case_0", seed=0, labels_dir=root / "labels")
     model = load_model(write_model_folder(root / "model"))
-    settings = ExplainSettings(samples=2, use_mirroring=False)
+    settings = ExplainSettings(methods=("smoothgrad", "gradcampp"), samples=2, use_mirroring=False)
     result = explain_cohort(model, root / "images", root / "out", settings, root / "labels", progress=False)
     assert result.explained == ["case_0"]
     return root / "out"
@@ -47,7 +47,7 @@ def test_stored_maps_come_back_to_network_space(run):
     """Maps read from OUT (input grid: transposed, resampled) match the maps recomputed on the network grid."""
     case_input = run.case_input("case_0")
     masks = {i: case_input.mask(i) for i in (1, 2)}
-    recomputed = smoothgrad_maps(run.window(), case_input.data, masks, run.settings, "case_0")
+    recomputed = explain_smoothgrad(run.window(), case_input.data, masks, run.settings, "case_0")
     for instance_id in masks:
         stored = stored_maps(run, case_input, "smoothgrad", instance_id)
         assert stored.shape == recomputed[instance_id].shape
@@ -113,7 +113,8 @@ def test_cli_writes_tidy_tables(explained, tmp_path):
     curves = pd.read_csv(out / "sanity" / "deletion.csv")
     assert list(curves.columns) == ["case", "instance_id", "group", "method", "channel", "mode", "curve", "seed",
                                     "k_percent", "changed_voxels", "box_voxels", "mean_probability"]
-    assert len(curves) == 2 * 2 * 2 * 2  # channels x modes x curves x percentages
+    # both methods of the run: SmoothGrad per channel and one Grad-CAM++ map; x modes x curves x percentages
+    assert len(curves) == (2 + 1) * 2 * 2 * 2 and set(curves.method) == {"smoothgrad", "gradcampp"}
     groups = pd.read_csv(out / "sanity" / "deletion_groups.csv")
     assert set(groups["mode"]) == {"deletion", "insertion"} and "verdict" in groups
     assert (out / "sanity" / "deletion.png").stat().st_size > 1000
@@ -122,7 +123,9 @@ def test_cli_writes_tidy_tables(explained, tmp_path):
     assert result.exit_code == 0, result.output
     assert "smoothgrad FLAIR:" in result.output
     verdicts = pd.read_csv(out / "sanity" / "randomization_verdicts.csv")
-    assert verdicts.channel.tolist() == ["FLAIR", "T1"] and set(verdicts.verdict) <= {"passes", "fails"}
+    assert verdicts[["method", "channel"]].values.tolist() == [["smoothgrad", "FLAIR"], ["smoothgrad", "T1"],
+                                                               ["gradcampp", "all"]]
+    assert set(verdicts.verdict) <= {"passes", "fails"}
     record = json.loads((out / "sanity" / "randomization.json").read_text())
     assert record["blocks_output_to_input"] == ["encoder.stages.1", "encoder.stages.0"]
     result = runner.invoke(main, ["sanity", "gradcheck", str(out), "--voxels", "1", "--device", "cpu"])
@@ -157,20 +160,11 @@ def test_changed_checkpoint_or_missing_record_is_refused(explained, tmp_path):
         load_run(out)
 
 
-def test_gradcampp_single_maps_are_checked_on_all_channels(run, tmp_path):
-    pytest.importorskip("nnxai.gradcampp")
-    from nnxai.geometry import to_original_space, write_volume
-
+def test_gradcampp_single_maps_are_checked_on_all_channels(run):
     table = randomization_check(run, select_instances(run), ["gradcampp"], independent=False)
     final = table[(table.experiment == CASCADING) & (table.step == table.step.max())]
     assert set(final.channel) == {"all"} and final.spearman_abs.abs().max() < 0.3
-    # a Grad-CAM++ map as explain writes it (OUT/<case>/gradcampp/<id>.nii.gz), in a copy of OUT
-    shutil.copytree(run.out_dir, tmp_path / "out")
-    copy = load_run(tmp_path / "out")
-    case_input = copy.case_input("case_0")
-    maps = map_methods()["gradcampp"](copy.window(), case_input.data, {1: case_input.mask(1)}, copy.settings, "case_0")
-    write_volume(to_original_space(copy.model, maps[1], case_input.properties)[0],
-                 copy.out_dir / "case_0" / "gradcampp" / "001.nii.gz", case_input.properties)
-    curves = deletion_check(copy, select_instances(copy, max_instances=1), ["gradcampp"], [0, 10, 30], seeds=2)
+    # the stored map (OUT/<case>/gradcampp/<id>.nii.gz) is one map: deletion changes all channels
+    curves = deletion_check(run, select_instances(run, max_instances=1), ["gradcampp"], [0, 10, 30], seeds=2)
     areas = deletion_areas(curves)
     assert areas.channel.tolist() == ["all"] and areas.area_between.item() > 0.1

@@ -41,7 +41,7 @@ def selection_options(command):
         click.option("--max-instances", type=click.IntRange(min=1), default=5, show_default=True,
                      help="At most this many instances, taking the groups in turn."),
         click.option("--method", "methods", multiple=True,
-                     help="Methods to check (repeat) [default: the explain run's method]."),
+                     help="Methods to check (repeat) [default: the explain run's methods]."),
         click.option("--margin-mm", type=click.FloatRange(min=0), default=5.0, show_default=True,
                      help="Box around each instance: its bounding box grown by this margin."),
     ]
@@ -83,7 +83,7 @@ def randomize(out, images, device, disable_tta, trust_checkpoint, cases, groups,
     from nnxai.randomization import randomization_check, randomization_verdicts, verdict_lines, write_randomization
 
     run = open_run(out, images, trust_checkpoint, disable_tta, samples=samples)
-    methods = list(methods) or [run.settings.method]
+    methods = list(methods) or list(run.settings.methods)
     check_methods(methods)
     selection = select_instances(run, cases, groups, max_instances)
     table = randomization_check(run, selection, methods, layers, not no_independent, seed, margin_mm,
@@ -114,7 +114,7 @@ def deletion(out, images, device, disable_tta, trust_checkpoint, cases, groups, 
 
     percentages = parse_percentages(percents)
     run = open_run(out, images, trust_checkpoint, disable_tta)
-    methods = list(methods) or [run.settings.method]
+    methods = list(methods) or list(run.settings.methods)
     check_methods(methods)
     selection = select_instances(run, cases, groups, max_instances)
     modes = MODES if mode == "both" else (mode,)
