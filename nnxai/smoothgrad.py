@@ -30,6 +30,7 @@ AGGREGATIONS = ("mean", "max")
 BACKWARD_MODES = ("auto", "loop", "batched")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FP16_GRADIENT_SCALE = 2.0 ** 10  # keeps small fp16 gradients from underflowing; divided out afterwards
+CALIBRATION_TARGETS = 2  # "auto" times both backward modes on this many targets (a batch costs a graph per target)
 
 
 class GradientError(RuntimeError):
@@ -130,19 +131,23 @@ class GradientEngine:
         return result
 
     def _measure_and_choose(self, outputs, inputs, grad_outputs) -> list[torch.Tensor]:
-        """Time the loop and the batched backward on the same batch; keep the faster from now on."""
+        """Time the loop and the batched backward on the first targets; keep the faster from now on."""
+        trial, rest = grad_outputs[:CALIBRATION_TARGETS], grad_outputs[CALIBRATION_TARGETS:]
         start = time.perf_counter()
-        result = _loop(outputs, inputs, grad_outputs)
+        result = _loop(outputs, inputs, trial)
         _synchronize(outputs.device)
         self.timings["loop"] = time.perf_counter() - start
         start = time.perf_counter()
         try:
-            _batched(outputs, inputs, grad_outputs)
+            _batched(outputs, inputs, trial)
             _synchronize(outputs.device)
             self.timings["batched"] = time.perf_counter() - start
         except RuntimeError:  # an operation without a batching rule: the loop always works
             self.timings["batched"] = math.inf
         self.chosen = "batched" if self.timings["batched"] < self.timings["loop"] else "loop"
+        if len(rest):
+            remaining = (_batched if self.chosen == "batched" else _loop)(outputs, inputs, rest)
+            result = [torch.cat([done, more]) for done, more in zip(result, remaining)]
         return result
 
 
@@ -178,26 +183,48 @@ def saved_graph_bytes() -> Iterator[list[int]]:
 
 
 class RunningMean:
-    """Mean and variance of per-sample maps (Welford), for the map and its standard error."""
+    """Running mean of per-sample maps and, with `variance`, their variance (Welford) for the standard error.
 
-    def __init__(self, shape: Sequence[int], device: torch.device):
+    Without variance it is a plain sum, which the tiles of a sample may also add into directly
+    (`sum_buffer`, then `count_sample`): no per-sample map needs to be held.
+    """
+
+    def __init__(self, shape: Sequence[int], device: torch.device, variance: bool = True):
         self.count = 0
-        self.mean = torch.zeros(tuple(shape), device=device)
-        self._m2 = torch.zeros(tuple(shape), device=device)
+        self.shape = tuple(shape)
+        self._total = torch.zeros(self.shape, device=device)  # the mean with variance, else the sum
+        self._m2 = torch.zeros(self.shape, device=device) if variance else None
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._total if self._m2 is not None else self._total / max(self.count, 1)
 
     def add(self, sample: torch.Tensor) -> None:
         self.count += 1
-        delta = sample - self.mean
-        self.mean += delta / self.count
-        self._m2 += delta * (sample - self.mean)
+        if self._m2 is None:
+            self._total += sample
+            return
+        delta = sample - self._total
+        self._total += delta / self.count
+        self._m2 += delta * (sample - self._total)
+
+    def sum_buffer(self) -> torch.Tensor:
+        """The running sum itself, for a sample's parts to be added into (without variance only)."""
+        if self._m2 is not None:
+            raise ValueError("a running mean with variance needs whole samples (add)")
+        return self._total
+
+    def count_sample(self) -> None:
+        """One more sample has been added into `sum_buffer`."""
+        self.count += 1
 
     def _variance_of_mean(self) -> torch.Tensor:
         return self._m2 / ((self.count - 1) * self.count)
 
     def relative_standard_error(self) -> float:
         """Standard error of the mean map relative to its size (L2 norms): the expected relative L2
-        distance to the map of infinitely many samples. NaN with fewer than two samples."""
-        if self.count < 2:
+        distance to the map of infinitely many samples. NaN with fewer than two samples or without variance."""
+        if self.count < 2 or self._m2 is None:
             return math.nan
         error = float(self._variance_of_mean().sum().sqrt())
         norm = float(self.mean.norm())
@@ -205,7 +232,7 @@ class RunningMean:
 
     def peak_relative_standard_error(self) -> float:
         """Standard error at the voxel of largest mean magnitude, relative to that magnitude."""
-        if self.count < 2:
+        if self.count < 2 or self._m2 is None:
             return math.nan
         peak = int(self.mean.abs().argmax())
         value = float(self.mean.flatten()[peak].abs())
@@ -218,7 +245,8 @@ class RunningMean:
 
 @dataclass
 class SaliencyMap:
-    """One instance's map (C, *spatial) in network space, the samples it used and its relative standard error."""
+    """One instance's map (C, *spatial) in network space, the samples it used and its relative standard error
+    (auto sampling only; NaN with a fixed number of samples, which holds no variance map)."""
 
     map: np.ndarray
     samples: int
@@ -289,7 +317,10 @@ def smoothgrad_maps(
     engine = engine or GradientEngine()
     generator = generator or torch.Generator().manual_seed(0)
     layout = window.layout(data.shape[1:])
-    work = _prepare_instances(window, layout, masks, channels=data.shape[0])
+    auto = sampling.samples is None
+    work = _prepare_instances(window, layout, masks, channels=data.shape[0], variance=auto)
+    # fixed-count mean aggregation adds every tile's gradient straight into the sum (no per-sample map held)
+    direct = not auto and aggregation == "mean"
     active = [w for w in work.values() if w.tiles]
     sigma = noise_sigma(data, noise)
     sample_step = _mean_sample if aggregation == "mean" else _max_sample
@@ -305,11 +336,16 @@ def smoothgrad_maps(
                 break
             noisy = data + torch.randn(data.shape, generator=generator) * sigma if sigma > 0 else data
             padded = window.pad(noisy.to(window.device))
-            sample_maps = {w.instance_id: torch.zeros_like(w.running.mean) for w in active}
-            sample_step(tiles, padded, active, sample_maps)
-            for w in active:
-                w.running.add(sample_maps[w.instance_id])
-            if sampling.samples is None:
+            if direct:
+                sample_step(tiles, padded, active, {w.instance_id: w.running.sum_buffer() for w in active})
+                for w in active:
+                    w.running.count_sample()
+            else:
+                sample_maps = {w.instance_id: torch.zeros(w.running.shape, device=window.device) for w in active}
+                sample_step(tiles, padded, active, sample_maps)
+                for w in active:
+                    w.running.add(sample_maps[w.instance_id])
+            if auto:
                 active = [w for w in active
                           if w.running.count < sampling.min_samples or not w.running.converged(sampling.tol)]
             bar.update()
@@ -318,14 +354,14 @@ def smoothgrad_maps(
 
 
 def _prepare_instances(window: SlidingWindow, layout: TileLayout, masks: Mapping[int, np.ndarray],
-                       channels: int) -> dict[int, _InstanceWork]:
+                       channels: int, variance: bool) -> dict[int, _InstanceWork]:
     work = {}
     for instance_id, mask in masks.items():
         padded_mask = window.pad(torch.as_tensor(np.asarray(mask, dtype=bool))[None].to(window.device))[0]
         tiles = [tile for tile in layout.tiles if bool(padded_mask[tile].any())]
         region = bounding_region(tiles, len(layout.padded_shape))
         shape = [channels, *(s.stop - s.start for s in region)]
-        work[instance_id] = _InstanceWork(instance_id, padded_mask, tiles, region, RunningMean(shape, window.device))
+        work[instance_id] = _InstanceWork(instance_id, padded_mask, tiles, region, RunningMean(shape, window.device, variance))
     return work
 
 
@@ -447,7 +483,7 @@ def _keep_largest_magnitude(batch: Sequence, buffer: torch.Tensor, region: Slice
 
 def _unpadded_map(w: _InstanceWork, layout: TileLayout) -> np.ndarray:
     """The instance's mean map placed in the unpadded network-space volume."""
-    full = torch.zeros((w.running.mean.shape[0], *layout.padded_shape))
+    full = torch.zeros((w.running.shape[0], *layout.padded_shape))
     if w.tiles:
         full[(slice(None), *w.region)] = w.running.mean.cpu()
     return full[(slice(None), *layout.unpad)].numpy()
