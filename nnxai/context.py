@@ -10,20 +10,18 @@ detection are recorded. k = 0 keeps the lesion's own voxels only.
   18-connected element reaches k mm along the axes, k*sqrt(2) along face diagonals and about 1.15 k along body
   diagonals; the Euclidean ball reaches k mm in every direction (contained in the study's element).
 - Probability and detection in the input's grid, as nnU-Net exports them: the mean lesion probability over the
-  lesion's voxels; detected when the lesion's voxels predicted as lesion (probability > threshold) hold a
-  connected component of at least `min_size` voxels (with the default min_size 1: any overlap).
-- Cost: only the sliding-window tiles that feed the lesion's voxels are predicted. Blending is a weighted sum
-  over tiles, so wherever all covering tiles are predicted the logits are exactly the full prediction's; the
-  tile set grows until the resampling to the input grid reads only such voxels at the lesion. A k whose kept
-  region is unchanged inside those tiles reuses the previous prediction, and once the whole image lies within
-  k mm the full prediction itself is used (`whole_image` = True: larger k cannot change anything).
+  lesion's voxels; detected when a predicted component (probability > threshold, the run's connectivity and
+  min_size) matches the original lesion under the run's rule (any overlap, or IoU), as `nnxai explain` matches.
+- Cost: only the sliding-window tiles near the lesion are predicted (`experiments.predict_near`: exact for the
+  lesion and every predicted component touching it). A k whose kept region is unchanged inside those tiles
+  reuses the previous prediction, and once the whole image lies within k mm the full prediction itself is
+  used (`whole_image` = True: larger k cannot change anything).
 - Required context: the smallest k from which the cohort's detection rate stays >= `plateau_fraction` (0.95)
   of its rate at the largest k; confidence interval: percentiles of that estimate over bootstrap resamples of
   the lesions.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -35,11 +33,10 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from nnxai.experiments import (EXPERIMENTS_FOLDER, ExperimentError, ExperimentOutcome, Prediction, predict,
-                               run_cases)
+from nnxai.experiments import (EXPERIMENTS_FOLDER, ExperimentError, ExperimentOutcome, LocalPrediction, Prediction,
+                               matching_components, predict, predict_near, run_cases)
 from nnxai.explain import ExplainSettings, check_channels, read_ground_truth, write_atomically
-from nnxai.geometry import (probabilities_in_original_space, read_images, to_network_space, to_original_space,
-                            voxel_volume_mm3)
+from nnxai.geometry import read_images, to_network_space, voxel_volume_mm3
 from nnxai.instances import GROUPS, UNKNOWN_GROUP, case_instances, label_components
 from nnxai.model import LoadedModel
 from nnxai.sliding_window import Slices, SlidingWindow, TileLayout
@@ -82,54 +79,12 @@ class ContextDesign:
                 and within(volume_mm3, self.min_mm3, self.max_mm3))
 
 
-def tile_subset_logits(window: SlidingWindow, data: torch.Tensor, tiles: list[Slices],
-                       layout: TileLayout | None = None) -> torch.Tensor:
-    """Blended logits (K, *spatial) of `tiles` only: equal to the full prediction wherever every tile covering a
-    voxel is among them (see `exact_region`), partial elsewhere."""
-    if not tiles:
-        raise ValueError("need at least one tile")
-    layout = layout or window.layout(data.shape[1:])
-    padded = window.pad(data.to(window.device))
-    blended = None
-    for tile, weighted in window.blended_tiles(padded, layout, tiles):
-        if blended is None:
-            blended = torch.zeros((weighted.shape[0], *layout.padded_shape), dtype=weighted.dtype, device=window.device)
-        blended[(slice(None), *tile)] += weighted
-    return blended[(slice(None), *layout.unpad)]
-
-
-def exact_region(layout: TileLayout, tiles: list[Slices]) -> np.ndarray:
-    """Unpadded voxels whose covering tiles are all in `tiles` (where `tile_subset_logits` is exact)."""
-    covering, chosen = np.zeros(layout.padded_shape, np.int32), np.zeros(layout.padded_shape, np.int32)
-    for tile in layout.tiles:
-        covering[tile] += 1
-        if tile in tiles:
-            chosen[tile] += 1
-    return (covering == chosen)[layout.unpad]
-
-
-def lesion_tiles(model: LoadedModel, window: SlidingWindow, layout: TileLayout, lesion: np.ndarray,
-                 properties: dict) -> list[Slices]:
-    """The fewest tiles around the lesion whose blended logits give its exact probabilities in the input grid.
-
-    Starts from the tiles touching the lesion's network-space footprint (one input voxel wider) and widens the
-    footprint until resampling the exact region back to the input grid reads exact voxels only at the lesion.
-    """
-    footprint = to_network_space(model, ndimage.binary_dilation(lesion, np.ones((3, 3, 3))).astype(np.uint8),
-                                 properties) > 0
-    for margin in itertools.count(1):
-        region = window.pad(torch.from_numpy(ndimage.binary_dilation(footprint, iterations=margin))[None])[0].numpy()
-        tiles = [tile for tile in layout.tiles if region[tile].any()]
-        exact = exact_region(layout, tiles).astype(np.float32)[None]
-        if len(tiles) == len(layout.tiles) or (to_original_space(model, exact, properties)[0][lesion] > 1 - 1e-5).all():
-            return tiles
-
-
-def lesion_outcome(probability: np.ndarray, lesion: np.ndarray, settings: ExplainSettings) -> dict:
-    """Mean probability over the lesion's voxels, and whether its predicted voxels hold a component of min_size."""
-    predicted = (probability > settings.threshold) & lesion
-    detected = predicted.any() and label_components(predicted, settings.connectivity, settings.min_size).max() > 0
-    return {"mean_probability": float(probability[lesion].mean()), "detected": bool(detected)}
+def lesion_outcome(prediction: Prediction | LocalPrediction, lesion: np.ndarray, settings: ExplainSettings) -> dict:
+    """Mean probability over the lesion's voxels, and whether a predicted component (after min_size) matches
+    the lesion under the run's rule."""
+    components = label_components(prediction.binary, settings.connectivity, settings.min_size)
+    detected, _ = matching_components(components, lesion, settings)
+    return {"mean_probability": float(prediction.probability[lesion].mean()), "detected": detected}
 
 
 def lesion_context_curve(model: LoadedModel, window: SlidingWindow, full: Prediction, lesion: np.ndarray,
@@ -144,25 +99,29 @@ def lesion_context_curve(model: LoadedModel, window: SlidingWindow, full: Predic
         raise ExperimentError(f"configuration {model.configuration}: the context experiment needs a 3D configuration")
     distance = ndimage.distance_transform_edt(~network_lesion, sampling=spacing)
     layout = window.layout(network_lesion.shape)
-    tiles = lesion_tiles(model, window, layout, lesion, properties)
-    covered = np.zeros(layout.padded_shape, dtype=bool)
-    for tile in tiles:
-        covered[tile] = True
-    covered = covered[layout.unpad]
-    full_outcome = lesion_outcome(full.probability, lesion, settings)
+    full_outcome = lesion_outcome(full, lesion, settings)
     rows, previous = [], None
     for k in k_values:
         kept = distance <= k + 1e-6
         if kept.all():
             rows.append({"k_mm": float(k), **full_outcome, "whole_image": True})
             continue
-        if previous is None or not np.array_equal(kept[covered], previous[0]):
-            with torch.no_grad():
-                logits = tile_subset_logits(window, full.data * torch.from_numpy(kept), tiles, layout)
-            probability = probabilities_in_original_space(model, logits, properties)[settings.lesion_label]
-            previous = (kept[covered], lesion_outcome(probability, lesion, settings))
-        rows.append({"k_mm": float(k), **previous[1], "whole_image": False})
+        # the prediction near the lesion reads the input of its tiles only: unchanged there, unchanged result
+        if previous is None or not np.array_equal(kept[previous["covered"]], previous["kept"]):
+            local = predict_near(model, window, full.data * torch.from_numpy(kept), properties, lesion, settings,
+                                 layout)
+            covered = tiles_union(layout, local.tiles)
+            previous = {"covered": covered, "kept": kept[covered], "outcome": lesion_outcome(local, lesion, settings)}
+        rows.append({"k_mm": float(k), **previous["outcome"], "whole_image": False})
     return rows
+
+
+def tiles_union(layout: TileLayout, tiles: list[Slices]) -> np.ndarray:
+    """Unpadded network voxels inside any of `tiles`."""
+    covered = np.zeros(layout.padded_shape, dtype=bool)
+    for tile in tiles:
+        covered[tile] = True
+    return covered[layout.unpad]
 
 
 def context_case(model: LoadedModel, window: SlidingWindow, case: str, files: list[Path], settings: ExplainSettings,
@@ -181,7 +140,7 @@ def context_case(model: LoadedModel, window: SlidingWindow, case: str, files: li
         voxels = int(instance.mask.sum())
         if not design.selects(instance.group, voxels, voxels * voxel_mm3):
             continue
-        full_outcome = lesion_outcome(full.probability, instance.mask, settings)
+        full_outcome = lesion_outcome(full, instance.mask, settings)
         lesion = {"case": case, "lesion_id": instance.instance_id, "group": instance.group, "voxels": voxels,
                   "volume_mm3": voxels * voxel_mm3, "full_mean_probability": full_outcome["mean_probability"],
                   "full_detected": full_outcome["detected"]}

@@ -8,6 +8,7 @@ explained model predicts. Its results go to `OUT/experiments/`: one table per ca
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import sys
 from collections.abc import Callable, Mapping
@@ -18,13 +19,15 @@ import click
 import numpy as np
 import pandas as pd
 import torch
+from scipy import ndimage
 from tqdm import tqdm
 
 from nnxai.explain import RUN_RECORD, CaseError, ExplainSettings, find_cases, write_atomically
 from nnxai.explain_output import AnalysisInputError, load_explain_output
-from nnxai.geometry import preprocess_array, probabilities_in_original_space
-from nnxai.model import LoadedModel
-from nnxai.sliding_window import SlidingWindow
+from nnxai.geometry import preprocess_array, probabilities_in_original_space, to_network_space, to_original_space
+from nnxai.instances import label_components, match_components
+from nnxai.model import LoadedModel, load_model
+from nnxai.sliding_window import Slices, SlidingWindow, TileLayout
 
 EXPERIMENTS_FOLDER = "experiments"
 PARAMETERS_FILE = "parameters.json"
@@ -45,6 +48,7 @@ class ExplainRun:
     images_dir: Path
     gt_dir: Path | None
     settings: ExplainSettings
+    checkpoint_sha256: dict[str, str]
 
 
 def read_explain_run(out_dir: Path) -> ExplainRun:
@@ -59,9 +63,21 @@ def read_explain_run(out_dir: Path) -> ExplainRun:
         model = record["model"]
         return ExplainRun(Path(out_dir), Path(model["folder"]), [str(f) for f in model["folds"]],
                           model["checkpoint"], Path(record["images"]),
-                          Path(record["ground_truth"]) if record.get("ground_truth") else None, settings)
+                          Path(record["ground_truth"]) if record.get("ground_truth") else None, settings,
+                          dict(model.get("checkpoint_sha256") or {}))
     except (KeyError, TypeError, AttributeError) as error:
         raise ExperimentError(f"{Path(out_dir) / RUN_RECORD}: not an nnxai explain run record ({error!r})") from None
+
+
+def load_run_model(run: ExplainRun, model_dir: Path | None = None, folds: list[str] | None = None,
+                   checkpoint: str | None = None, trust_checkpoint: bool = False) -> LoadedModel:
+    """The explained model (or another one named by the arguments); refused when its checkpoints changed since."""
+    model = load_model(model_dir or run.model_dir, folds or run.folds, checkpoint or run.checkpoint, trust_checkpoint)
+    own = model_dir is None and not folds and checkpoint is None
+    if own and run.checkpoint_sha256 and model.checkpoint_sha256 != run.checkpoint_sha256:
+        raise ExperimentError(f"{run.out_dir / RUN_RECORD}: the checkpoints in {run.model_dir} changed since the "
+                              "explain run (sha256 differs); explain again, or name the model to use with -m")
+    return model
 
 
 def case_files(model: LoadedModel, images_dir: Path, only: list[str] | None = None) -> dict[str, list[Path]]:
@@ -100,15 +116,117 @@ class Prediction:
     binary: np.ndarray  # probability > threshold
 
 
+def preprocess_copy(model: LoadedModel, images: np.ndarray, properties: dict) -> tuple[torch.Tensor, dict]:
+    """nnU-Net's preprocessing of read images (left unchanged), with its own copy of the properties."""
+    properties = copy.deepcopy(properties)
+    return torch.from_numpy(preprocess_array(model, images, properties)), properties
+
+
 def predict(model: LoadedModel, window: SlidingWindow, images: np.ndarray, properties: dict,
             settings: ExplainSettings) -> Prediction:
     """Preprocess read images (left unchanged) and predict them exactly as `nnxai explain` does."""
-    properties = copy.deepcopy(properties)
-    data = torch.from_numpy(preprocess_array(model, images, properties))
+    data, properties = preprocess_copy(model, images, properties)
     with torch.no_grad():
         logits = window.logits(data)
     probability = probabilities_in_original_space(model, logits, properties)[settings.lesion_label]
     return Prediction(data, properties, probability, probability > settings.threshold)
+
+
+def tile_subset_logits(window: SlidingWindow, data: torch.Tensor, tiles: list[Slices],
+                       layout: TileLayout | None = None) -> torch.Tensor:
+    """Blended logits (K, *spatial) of `tiles` only: equal to the full prediction wherever every tile covering a
+    voxel is among them (see `exact_region`), partial elsewhere."""
+    if not tiles:
+        raise ValueError("need at least one tile")
+    layout = layout or window.layout(data.shape[1:])
+    padded = window.pad(data.to(window.device))
+    blended = None
+    for tile, weighted in window.blended_tiles(padded, layout, tiles):
+        if blended is None:
+            blended = torch.zeros((weighted.shape[0], *layout.padded_shape), dtype=weighted.dtype, device=window.device)
+        blended[(slice(None), *tile)] += weighted
+    return blended[(slice(None), *layout.unpad)]
+
+
+def exact_region(layout: TileLayout, tiles: list[Slices]) -> np.ndarray:
+    """Unpadded network voxels whose covering tiles are all in `tiles` (where `tile_subset_logits` is exact)."""
+    covering, chosen = np.zeros(layout.padded_shape, np.int32), np.zeros(layout.padded_shape, np.int32)
+    for tile in layout.tiles:
+        covering[tile] += 1
+        if tile in tiles:
+            chosen[tile] += 1
+    return (covering == chosen)[layout.unpad]
+
+
+def exact_in_input_grid(model: LoadedModel, layout: TileLayout, tiles: list[Slices], properties: dict) -> np.ndarray:
+    """Input voxels whose exported probability reads only exact network voxels: the exact region resampled back
+    to the input grid the way nnU-Net resamples logits (linear, weights summing to 1) is 1 there."""
+    exact = exact_region(layout, tiles).astype(np.float32)[None]
+    return to_original_space(model, exact, properties)[0] > 1 - 1e-5
+
+
+def tiles_for(model: LoadedModel, window: SlidingWindow, layout: TileLayout, region: np.ndarray,
+              properties: dict) -> list[Slices]:
+    """The fewest tiles around `region` (input grid) whose blended logits give its exact exported probabilities.
+
+    Starts from the tiles touching the region's network-grid footprint (one input voxel wider) and widens the
+    footprint until every voxel of the region is exact in the input grid (`exact_in_input_grid`).
+    """
+    footprint = to_network_space(model, ndimage.binary_dilation(region, np.ones((3, 3, 3))).astype(np.uint8),
+                                 properties) > 0
+    for margin in itertools.count(1):
+        grown = window.pad(torch.from_numpy(ndimage.binary_dilation(footprint, iterations=margin))[None])[0].numpy()
+        tiles = [tile for tile in layout.tiles if grown[tile].any()]
+        if len(tiles) == len(layout.tiles) or exact_in_input_grid(model, layout, tiles, properties)[region].all():
+            return tiles
+
+
+@dataclass
+class LocalPrediction:
+    """nnU-Net's prediction near a region: exact probabilities where `exact`, prediction only there."""
+
+    probability: np.ndarray  # lesion probability (*input shape); meaningful where `exact`
+    binary: np.ndarray  # probability > threshold, inside `exact` only
+    exact: np.ndarray  # input voxels whose probability equals the full prediction's
+    tiles: list[Slices]  # the sliding-window tiles predicted
+
+
+def predict_near(model: LoadedModel, window: SlidingWindow, data: torch.Tensor, properties: dict,
+                 region: np.ndarray, settings: ExplainSettings, layout: TileLayout | None = None) -> LocalPrediction:
+    """What the full prediction of preprocessed `data` says about `region`, from the tiles near it only.
+
+    Exact for the region's voxels and for every predicted component touching it: tiles are added until each
+    such component, with its neighbours (the run's connectivity), lies where the prediction is exact, so its
+    extent and size (min_size) are those of the full prediction. Far cheaper than a full prediction when the
+    region is small: the other tiles are never run.
+    """
+    layout = layout or window.layout(data.shape[1:])
+    neighbours = ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}[settings.connectivity])
+    needed = region
+    while True:
+        tiles = tiles_for(model, window, layout, needed, properties)
+        with torch.no_grad():
+            logits = tile_subset_logits(window, data, tiles, layout)
+        probability = probabilities_in_original_space(model, logits, properties)[settings.lesion_label]
+        exact = exact_in_input_grid(model, layout, tiles, properties) if len(tiles) < len(layout.tiles) \
+            else np.ones(region.shape, dtype=bool)
+        binary = (probability > settings.threshold) & exact
+        components = label_components(binary, settings.connectivity)
+        touching = np.isin(components, np.unique(components[region & binary]))
+        reach = ndimage.binary_dilation(touching, neighbours)
+        if exact[reach].all():
+            return LocalPrediction(probability, binary, exact, tiles)
+        needed = needed | reach
+
+
+def matching_components(components: np.ndarray, lesion: np.ndarray,
+                        settings: ExplainSettings) -> tuple[bool, np.ndarray]:
+    """(detected, explained region) of a lesion given predicted component ids: with the run's matching rule,
+    the matching component(s) when there are, else the lesion itself (as for a false negative)."""
+    matching = match_components(components, lesion.astype(np.int32), settings.rule, settings.iou_threshold)
+    if matching.fn_gt:
+        return False, lesion
+    return True, np.isin(components, matching.tp_pred)
 
 
 @dataclass

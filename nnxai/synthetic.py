@@ -19,6 +19,9 @@ synthetic lesion gets a row: detected or not, mean lesion probability inside it,
 - Detection follows the run's matching rule: the lesion counts as detected when a predicted component (after
   `min_size`) matches it (any overlap, or IoU). Its explained region is then the matching predicted
   component(s); when missed, the inserted mask itself (as for a false negative).
+- Cost: the modified volume is preprocessed whole (nnU-Net's normalization sees the lesion), but only the
+  sliding-window tiles near the synthetic lesions are predicted (`experiments.predict_near`, exact for the
+  lesions and every predicted component touching them).
 """
 from __future__ import annotations
 
@@ -38,12 +41,12 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 
 from dataset_conversion.phantom import apply_lesion_contrast, lesion_blob
-from nnxai.experiments import (ExperimentError, ExperimentOutcome, channel_index, experiment_folder, predict,
-                               run_cases)
+from nnxai.experiments import (ExperimentError, ExperimentOutcome, channel_index, experiment_folder,
+                               matching_components, predict, predict_near, preprocess_copy, run_cases)
 from nnxai.explain import (CaseError, ExplainSettings, LesionInstance, _instance_row, _network_masks, check_channels,
                            read_ground_truth)
 from nnxai.geometry import read_images, write_volume
-from nnxai.instances import label_components, match_components
+from nnxai.instances import label_components
 from nnxai.model import LoadedModel
 from nnxai.sliding_window import SlidingWindow
 from nnxai.smoothgrad import instance_smoothgrad, noise_generator
@@ -156,13 +159,15 @@ def normal_appearing(white_matter: np.ndarray, lesions: np.ndarray, spacing, cle
 
 def place_lesions(nawm: np.ndarray, design: SyntheticDesign, spacing, rng: np.random.Generator,
                   connectivity: int = 18) -> Placement:
-    """Draw every lesion of the design: centre at least `margin_mm` deep in normal-appearing white matter (and
-    `min_distance_mm` from the other lesions of its volume), blob clipped to that matter, one component."""
+    """Draw every lesion of the design: centre at least `margin_mm` deep in normal-appearing white matter, and
+    as deep as the lesion's radius where there is such room (so that clipping to white matter shrinks it
+    little), `min_distance_mm` from the other lesions of its volume; blob clipped to that matter, one component."""
     spacing = np.asarray(spacing, dtype=float)
     depth = ndimage.distance_transform_edt(nawm, sampling=spacing)
-    candidates = np.argwhere(depth >= design.margin_mm)
     placement = Placement()
     for volume_id, lesions in enumerate(design.volumes(), start=1):
+        deep = np.argwhere(depth >= max(design.margin_mm, max(lesion.radius_mm for lesion in lesions)))
+        candidates = deep if len(deep) else np.argwhere(depth >= design.margin_mm)
         centres = _spread_centres(candidates, len(lesions), spacing, design.min_distance_mm, rng)
         free = nawm.copy()
         for lesion, centre in itertools.zip_longest(lesions, centres):
@@ -208,15 +213,6 @@ def insert_lesions(images: np.ndarray, lesions: list[PlacedLesion], flair_channe
     return modified
 
 
-def explained_region(predicted_components: np.ndarray, lesion: np.ndarray,
-                     settings: ExplainSettings) -> tuple[bool, np.ndarray]:
-    """(detected, region): the predicted component(s) matching the lesion under the run's rule, else the lesion."""
-    matching = match_components(predicted_components, lesion.astype(np.int32), settings.rule, settings.iou_threshold)
-    if matching.fn_gt:
-        return False, lesion
-    return True, np.isin(predicted_components, matching.tp_pred)
-
-
 def table_columns(channel_names: list[str], method: str) -> list[str]:
     """Columns of synthetic.csv, in order."""
     columns = ["case", "lesion_id", "volume_id", "group", "size_mm3", "flair_factor", "t1_factor", "voxels",
@@ -231,7 +227,7 @@ def synthetic_case(model: LoadedModel, window: SlidingWindow, case: str, files: 
     """Insert, predict and explain every synthetic lesion of one case; returns its rows (see module doc).
 
     With `volumes_dir`, each synthetic volume is written to `volumes_dir/<case>/` as nnU-Net input files
-    (`<case>_synNNN_0000.nii.gz`, ...) with its lesion ids (`_lesions`) and prediction (`_prediction`).
+    (`<case>_synNNN_0000.nii.gz`, ...) with its lesion ids (`<case>_synNNN_lesions.nii.gz`).
     """
     check_channels(files)
     images, properties = read_images(model, files)
@@ -265,19 +261,20 @@ def synthetic_case(model: LoadedModel, window: SlidingWindow, case: str, files: 
     for volume_id in tqdm(volume_ids, desc=case, unit="volume", disable=not progress, leave=False):
         lesions = [lesion for lesion in placement.placed if lesion.volume_id == volume_id]
         modified = insert_lesions(images, lesions, flair_channel, t1_channel, design, spacing, rng)
-        prediction = predict(model, window, modified, properties, settings)
+        data, volume_properties = preprocess_copy(model, modified, properties)
+        inserted = np.logical_or.reduce([lesion.mask for lesion in lesions])
+        prediction = predict_near(model, window, data, volume_properties, inserted, settings)
         components = label_components(prediction.binary, settings.connectivity, settings.min_size)
-        regions = {}
-        for lesion in lesions:
-            regions[lesion.planned.lesion_id] = explained_region(components, lesion.mask, settings)
+        regions = {lesion.planned.lesion_id: matching_components(components, lesion.mask, settings)
+                   for lesion in lesions}
         instances = [LesionInstance(i, GROUP, region) for i, (_, region) in regions.items()]
-        network_masks = _network_masks(model, instances, prediction.properties)
-        maps = _saliency(window, prediction.data, network_masks, settings, f"{case}/{EXPERIMENT}/{volume_id}", progress)
+        network_masks = _network_masks(model, instances, volume_properties)
+        maps = _saliency(window, data, network_masks, settings, f"{case}/{EXPERIMENT}/{volume_id}", progress)
         for lesion in lesions:
             lesion_id = lesion.planned.lesion_id
             detected, region = regions[lesion_id]
             row = _instance_row(case, LesionInstance(lesion_id, GROUP, lesion.mask), prediction.probability,
-                                prediction.properties, network_masks[lesion_id], maps[lesion_id], channels,
+                                volume_properties, network_masks[lesion_id], maps[lesion_id], channels,
                                 settings.method)
             row.pop("instance_id")
             rows.append({**row, "lesion_id": lesion_id, "volume_id": volume_id, "size_mm3": lesion.planned.size_mm3,
@@ -288,7 +285,7 @@ def synthetic_case(model: LoadedModel, window: SlidingWindow, case: str, files: 
                          "explained_region": "prediction" if detected else "inserted",
                          "region_voxels": int(region.sum())})
         if staging is not None:
-            _write_volume_files(staging, case, volume_id, modified, lesions, prediction.binary, properties, channels)
+            _write_volume_files(staging, case, volume_id, modified, lesions, properties, channels)
     if staging is not None:
         final = volumes_dir / case
         shutil.rmtree(final, ignore_errors=True)
@@ -307,15 +304,14 @@ def _saliency(window: SlidingWindow, data, network_masks: dict[int, np.ndarray],
 
 
 def _write_volume_files(folder: Path, case: str, volume_id: int, images: np.ndarray, lesions: list[PlacedLesion],
-                        prediction: np.ndarray, properties: dict, channels: list[str]) -> None:
+                        properties: dict, channels: list[str]) -> None:
     stem = folder / f"{case}_syn{volume_id:03d}"
     for channel in range(len(channels)):
         write_volume(images[channel], Path(f"{stem}_{channel:04d}.nii.gz"), properties)
-    ids = np.zeros(prediction.shape, dtype=np.uint16)
+    ids = np.zeros(images.shape[1:], dtype=np.uint16)
     for lesion in lesions:
         ids[lesion.mask] = lesion.planned.lesion_id
     write_volume(ids, Path(f"{stem}_lesions.nii.gz"), properties)
-    write_volume(prediction.astype(np.uint8), Path(f"{stem}_prediction.nii.gz"), properties)
 
 
 def synthetic_experiment(model: LoadedModel, cases: dict[str, list[Path]], out_dir: Path, settings: ExplainSettings,

@@ -8,12 +8,12 @@ import torch
 from click.testing import CliRunner
 
 from nnxai.cli import main
-from nnxai.context import (COLUMNS, ContextDesign, bootstrap_required_context, lesion_context_curve, lesion_tiles,
-                           required_context, summarize_context, tile_subset_logits)
-from nnxai.experiments import predict
+from nnxai.context import (COLUMNS, ContextDesign, bootstrap_required_context, lesion_context_curve,
+                           required_context, summarize_context)
+from nnxai.experiments import predict, predict_near, tile_subset_logits, tiles_for
 from nnxai.explain import read_ground_truth
 from nnxai.geometry import probabilities_in_original_space, read_images, to_network_space
-from nnxai.instances import case_instances
+from nnxai.instances import case_instances, label_components
 from tests.experiment_data import SETTINGS, explained_cohort
 
 
@@ -33,13 +33,24 @@ def cohort(tmp_path_factory):
 def test_tile_subset_prediction_equals_full_prediction_on_the_lesion(cohort):
     _, model, _, window, full, lesion = cohort
     layout = window.layout(full.data.shape[1:])
-    tiles = lesion_tiles(model, window, layout, lesion, full.properties)
+    tiles = tiles_for(model, window, layout, lesion, full.properties)
     assert 0 < len(tiles) < len(layout.tiles)
     with torch.no_grad():
         logits = tile_subset_logits(window, full.data, tiles, layout)
     probability = probabilities_in_original_space(model, logits, full.properties)[1]
     assert np.allclose(probability[lesion], full.probability[lesion], atol=1e-6)
     assert not np.allclose(probability, full.probability, atol=1e-3)  # elsewhere the subset is partial
+
+
+def test_prediction_near_a_region_has_the_full_components_touching_it(cohort):
+    _, model, _, window, full, lesion = cohort
+    seed = np.zeros_like(lesion)
+    seed[tuple(np.argwhere(lesion)[0])] = True  # one voxel of the lesion: its whole component must come out
+    local = predict_near(model, window, full.data, full.properties, seed, SETTINGS)
+    assert len(local.tiles) < len(window.layout(full.data.shape[1:]).tiles) and not local.exact.all()
+    assert np.allclose(local.probability[local.exact], full.probability[local.exact], atol=1e-6)
+    components = label_components(local.binary)
+    assert np.array_equal(components == components[seed][0], lesion)  # the TP instance, voxel for voxel
 
 
 def test_context_curve_masks_the_normalized_input_and_ends_at_the_full_prediction(cohort):
@@ -122,7 +133,7 @@ def test_cli_on_an_explain_output_resumes_and_reports_the_image_limit(cohort):
     assert other.exit_code == 1 and "other parameters" in other.output and "Traceback" not in other.output
 
 
-def test_cli_refuses_truth_groups_without_ground_truth_and_a_non_explain_folder(cohort, tmp_path):
+def test_cli_refuses_missing_truth_a_changed_model_and_a_non_explain_folder(cohort, tmp_path):
     _, _, out, _, _, _ = cohort
     runner = CliRunner()
     record = json.loads((out / "run.json").read_text())
@@ -133,5 +144,9 @@ def test_cli_refuses_truth_groups_without_ground_truth_and_a_non_explain_folder(
     (no_truth / "instances.csv").write_text((out / "instances.csv").read_text())
     result = runner.invoke(main, ["experiment", "context", str(no_truth), "-device", "cpu"])
     assert result.exit_code == 1 and "groups TP need ground truth" in result.output
+    record["model"]["checkpoint_sha256"] = {"0": "0" * 64}
+    (no_truth / "run.json").write_text(json.dumps(record))
+    result = runner.invoke(main, ["experiment", "context", str(no_truth), "-device", "cpu"])
+    assert result.exit_code == 1 and "changed since the explain run" in result.output
     result = runner.invoke(main, ["experiment", "context", str(tmp_path), "-device", "cpu"])
     assert result.exit_code == 1 and "run.json: missing" in result.output

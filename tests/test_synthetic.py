@@ -101,7 +101,7 @@ def test_bright_lesions_are_detected_faint_ones_not(tmp_path):
     assert digest(images) == before  # inputs never change on disk
     saved = out / "experiments" / "synthetic_volumes" / "case_0"
     assert sorted(p.name for p in saved.iterdir()) == sorted(
-        f"case_0_syn{v:03d}_{kind}.nii.gz" for v in (1, 2) for kind in ("0000", "0001", "lesions", "prediction"))
+        f"case_0_syn{v:03d}_{kind}.nii.gz" for v in (1, 2) for kind in ("0000", "0001", "lesions"))
     ids = sitk.GetArrayFromImage(sitk.ReadImage(str(saved / "case_0_syn001_lesions.nii.gz")))
     assert sorted(np.unique(ids)) == [0, 1, 2]
     flair = sitk.GetArrayFromImage(sitk.ReadImage(str(saved / "case_0_syn001_0000.nii.gz")))

@@ -15,10 +15,10 @@ import torch
 
 from nnxai.cli import LazyGroup
 from nnxai.cli.explain import resolve_device
-from nnxai.experiments import ExperimentOutcome, case_files, experiment_folder, read_explain_run
+from nnxai.experiments import ExperimentOutcome, case_files, experiment_folder, load_run_model, read_explain_run
 from nnxai.explain import ExplainSettings
 from nnxai.instances import CONNECTIVITIES, GROUPS, MATCHING_RULES, UNKNOWN_GROUP
-from nnxai.model import LoadedModel, load_model
+from nnxai.model import LoadedModel
 
 EXPERIMENTS = {
     "synthetic": "nnxai.cli.experiment:synthetic",
@@ -50,8 +50,8 @@ def number_list(kind: type):
 def run_options(command):
     """Options shared by the experiments: where the model and data come from, and prediction overrides."""
     options = [
-        click.option("-m", "model_dir", type=click.Path(path_type=Path), help="Model folder [default: from run.json]."),
-        click.option("-i", "images", type=click.Path(path_type=Path),
+        click.option("-m", "--model", "model_dir", type=click.Path(path_type=Path), help="Model folder [default: from run.json]."),
+        click.option("-i", "--images", "images", type=click.Path(path_type=Path),
                      help="Input images folder (nnU-Net format) [default: from run.json]."),
         click.option("--gt", "gt_dir", type=click.Path(path_type=Path),
                      help="Ground-truth labels folder [default: from run.json]."),
@@ -59,10 +59,11 @@ def run_options(command):
         click.option("-chk", "checkpoint", help="Checkpoint file name [default: from run.json]."),
         click.option("--trust-checkpoint", is_flag=True,
                      help="Allow checkpoints holding arbitrary Python objects (trusted sources only)."),
-        click.option("-device", "device", type=click.Choice(["cpu", "cuda", "mps"]),
+        click.option("-device", "--device", "device", type=click.Choice(["cpu", "cuda", "mps"]),
                      default="cuda" if torch.cuda.is_available() else "cpu",
                      show_default="cuda if available, else cpu"),
-        click.option("--disable_tta", is_flag=True, help="No mirroring test-time augmentation [default: as run.json]."),
+        click.option("--disable-tta", "--disable_tta", "disable_tta", is_flag=True,
+                     help="No mirroring test-time augmentation [default: as run.json]."),
         click.option("--threshold", type=click.FloatRange(0, 1),
                      help="Lesion probability threshold [default: run.json]."),
         click.option("--min-size", type=click.IntRange(min=1), help="Minimum component size [default: run.json]."),
@@ -95,8 +96,7 @@ def load_inputs(out: Path, model_dir, images, gt_dir, folds, checkpoint, trust_c
                 **settings_overrides) -> ExperimentInputs:
     """Read OUT/run.json, apply the command line's overrides and load the model."""
     run = read_explain_run(out)
-    model = load_model(model_dir or run.model_dir, list(folds) or run.folds, checkpoint or run.checkpoint,
-                       trust_checkpoint)
+    model = load_run_model(run, model_dir, list(folds), checkpoint, trust_checkpoint)
     overrides = {"threshold": threshold, "min_size": min_size, "rule": rule, "iou_threshold": iou_threshold,
                  "connectivity": int(connectivity) if connectivity else None,
                  "use_mirroring": False if disable_tta else None, **settings_overrides}
