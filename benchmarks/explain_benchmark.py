@@ -1,10 +1,12 @@
 """Cost of instance-level SmoothGrad on a phantom case: the study's way, Captum, and ours (issues 3 and 4).
 
-One command, one case (by default phantom_002 of `--cases 12 --seed 0` at 2 mm: 23 lesions), its
-ground-truth lesions as the instances (the instance count is known and the cost does not depend on
-what the network predicts), a network of the CPU plan's architecture (nnxai.plans: 4 stages, 8-64
-features, 64^3 patch) with nnU-Net's He initialization. It prints seconds (wall and CPU), peak memory
-above the start, ratios and the largest map difference of:
+One command, one case, its ground-truth lesions as the instances (the instance count is known and the
+cost does not depend on what the network predicts), a network of the CPU plan's architecture
+(nnxai.plans: 4 stages, 8-64 features, 2 convolutions per stage) with nnU-Net's He initialization.
+Default: phantom_001 of `--cases 12 --seed 0` at 4 mm (22 lesions) with 32^3 patches, which tiles the
+head 2 x 2 x 2 as the CPU plan's 64^3 patches tile it at 2 mm (`--spacing 2 --case phantom_002
+--patch 64`: 23 lesions, the plan itself, about 8 times the work). It prints seconds (wall and CPU),
+peak memory above the start, ratios and the largest map difference of:
 
   mean  (i) the study's way: per sample one graph over the whole sliding window, every instance's
             backward pass through all of it;
@@ -36,13 +38,15 @@ from pathlib import Path
 import click
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import torch
 from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 from nnunetv2.preprocessing.normalization.default_normalization_schemes import ZScoreNormalization
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from dataset_conversion.nnunet_raw import dataset_folder_name
-from dataset_conversion.phantom import make_phantom_cohort
+from dataset_conversion.phantom import LESION_TABLE, make_phantom_cohort
+from nnxai.checkpoint import load_checkpoint
 from nnxai.instances import label_components
 from nnxai.plans import CPU_FEATURES, CPU_PATCH_SIZE, small_architecture
 from nnxai.sliding_window import SlidingWindow
@@ -126,12 +130,15 @@ def measure(device: torch.device, function: Callable[[], object]) -> Measured:
     return Measured(result, seconds, cpu_seconds, memory.peak / 2 ** 20)
 
 
-def phantom_case(workdir: Path, case: str, cases: int, seed: int, spacing: float) -> tuple[torch.Tensor, np.ndarray]:
-    """The case's network input (FLAIR, T1; cropped to the head and z-scored inside it, as nnU-Net's default
+def phantom_case(workdir: Path, case: str, cases: int, seed: int,
+                 spacing: float) -> tuple[str, torch.Tensor, np.ndarray]:
+    """The case (`most`: the one with the most lesions drawn), its network input (FLAIR, T1; cropped to the head and z-scored inside it, as nnU-Net's default
     preprocessing does at the phantom's own spacing) and its lesion components (int32, 0 = background)."""
     dataset = workdir / dataset_folder_name(901, "MSPhantom")
     if not (dataset / "dataset.json").is_file():
         make_phantom_cohort(workdir, cases, seed, spacing)
+    if case == "most":
+        case = pd.read_csv(dataset / LESION_TABLE).case_id.value_counts().idxmax()
     split = "Ts" if (dataset / "imagesTs" / f"{case}_0000.nii.gz").is_file() else "Tr"
     images = np.stack([np.asarray(nib.load(dataset / f"images{split}" / f"{case}_{c:04d}.nii.gz").dataobj, np.float32)
                        for c in range(2)])
@@ -139,7 +146,7 @@ def phantom_case(workdir: Path, case: str, cases: int, seed: int, spacing: float
     images, labels, _ = crop_to_nonzero(images, labels)
     for channel in range(len(images)):
         images[channel] = ZScoreNormalization(use_mask_for_norm=True, intensityproperties={}).run(images[channel], labels[0])
-    return torch.from_numpy(np.ascontiguousarray(images)), label_components(labels[0] > 0, connectivity=18)
+    return case, torch.from_numpy(np.ascontiguousarray(images)), label_components(labels[0] > 0, connectivity=18)
 
 
 def cpu_plan_network(features: tuple[int, ...], convs: int, patch: tuple[int, ...], seed: int) -> torch.nn.Module:
@@ -258,17 +265,25 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
                   features: tuple[int, ...],
                   convs: int, patch: int, device: str, threads: int, tta: bool, samples: int, noise: float,
                   parts: tuple[str, ...], backward: str, max_voxels: int, auto_instances: int, tol: float,
-                  max_samples: int, fixed_samples: int, reference_samples: int, amp: tuple[str, ...]) -> dict:
+                  max_samples: int, fixed_samples: int, reference_samples: int, amp: tuple[str, ...],
+                  ours_amp: str | None = None, weights: Path | None = None) -> dict:
     torch.set_num_threads(threads)
     device = torch.device(device)
     report = Report()
-    data, labels = phantom_case(workdir, case, cases, seed, spacing)
+    case, data, labels = phantom_case(workdir, case, cases, seed, spacing)
     masks = {int(i): labels == i for i in np.unique(labels) if i}
     if instances:
         masks = dict(list(masks.items())[:instances])
     if not masks:
         raise click.ClickException(f"{case}: no lesions at {spacing:g} mm; choose another --case")
-    network = cpu_plan_network(features, convs, (patch,) * 3, seed).to(device)
+    network = cpu_plan_network(features, convs, (patch,) * 3, seed)
+    if weights is not None:
+        try:
+            network.load_state_dict(load_checkpoint(weights)["network_weights"])
+        except RuntimeError as error:
+            raise click.ClickException(f"{weights}: weights of another architecture than --features/--convs "
+                                       f"({str(error).splitlines()[0]})") from None
+    network = network.to(device)
     window = SlidingWindow([network], (patch,) * 3, mirror_axes=(0, 1, 2) if tta else None, device=device)
     layout = window.layout(data.shape[1:])
     padded_masks = {i: window.pad(torch.as_tensor(m)[None])[0] for i, m in masks.items()}
@@ -280,7 +295,7 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
         "case": case, "spacing_mm": spacing, "network_shape": list(data.shape[1:]), "instances": len(masks),
         "instance_voxels": sorted(int(m.sum()) for m in masks.values()), "tiles": len(layout.tiles),
         "mean_tiles_per_instance": float(np.mean(tiles_per_instance)), "patch": patch, "features": list(features),
-        "convs_per_stage": convs, "tta": tta, "device": str(device), "threads": threads, "noise": noise,
+        "convs_per_stage": convs, "weights": str(weights) if weights else "He initialization", "tta": tta, "device": str(device), "threads": threads, "noise": noise,
         "tile_graph_mb": graph_bytes[0] / 2 ** 20, "torch": torch.__version__, "python": platform.python_version(),
         "processor": platform.processor() or platform.machine()}
     report.line(f"{case}: network input {tuple(data.shape[1:])} at {spacing:g} mm, {len(masks)} instances, "
@@ -288,8 +303,14 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
                 f"on average; one tile's graph {graph_bytes[0] / 2 ** 20:.0f} MB; {device}, {threads} thread(s), "
                 f"TTA {'on' if tta else 'off'}")
     engine = GradientEngine(backward, max_batch=16)
+    if backward == "auto":  # measured once per run, as `nnxai explain` does, before anything is timed
+        first_two = dict(sorted(masks.items(), key=lambda item: item[1].sum())[:2])
+        ours(window, data, first_two, Sampling(1), noise, seed, engine)
+        report.record["setup"]["backward_seconds"] = dict(engine.timings)
+        report.line(f"backward mode by measurement: {engine.chosen} "
+                    f"({', '.join(f'{k} {v:.3f} s' for k, v in engine.timings.items())} for two targets)")
     if "mean" in parts:
-        _mean_part(report, window, data, masks, sigma, noise, seed, samples, engine, device)
+        _mean_part(report, window, data, masks, sigma, noise, seed, samples, engine, device, ours_amp)
     if "max" in parts:
         _max_part(report, window, data, masks, sigma, noise, seed, samples, backward, max_voxels, device)
     if "auto" in parts:
@@ -300,7 +321,7 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
     return report.record
 
 
-def _mean_part(report, window, data, masks, sigma, noise, seed, samples, engine, device) -> None:
+def _mean_part(report, window, data, masks, sigma, noise, seed, samples, engine, device, ours_amp) -> None:
     report.line(f"\nmean aggregation, {samples} sample(s), {len(masks)} instances:")
     study = measure(device, lambda: study_mean(window, data, masks, sigma, seed, samples))
     report.timed("mean", "(i) study: whole-window graph", study)
@@ -314,6 +335,12 @@ def _mean_part(report, window, data, masks, sigma, noise, seed, samples, engine,
               "captum_over_ours_seconds": captum.seconds / mine.seconds,
               "ours_over_study_peak_memory": mine.peak_mb / study.peak_mb,
               "seconds_per_instance_per_sample": mine.seconds / (len(masks) * samples)}
+    if ours_amp:
+        amp_engine = GradientEngine(engine.chosen, engine.max_batch, amp=ours_amp)
+        mixed = measure(device, lambda: ours(window, data, masks, Sampling(samples), noise, seed, amp_engine))
+        report.timed("mean", f"(iv) ours, {ours_amp} autocast", mixed,
+                     max_rel_difference=largest_difference(mixed.result, study.result))
+        ratios["study_over_ours_amp_seconds"] = study.seconds / mixed.seconds
     report.record["mean"]["ratios"] = ratios
     report.line(f"  ours is {ratios['study_over_ours_seconds']:.2f}x as fast as (i) and "
                 f"{ratios['captum_over_ours_seconds']:.2f}x as fast as (ii); peak memory "
@@ -371,13 +398,14 @@ def _amp_part(report, window, data, masks, noise, seed, samples, amp, device) ->
     report.line(f"\nmixed precision versus float32, {samples} sample(s), {len(masks)} instances:")
     reference = measure(device, lambda: ours(window, data, masks, Sampling(samples), noise, seed,
                                              GradientEngine("loop")))
-    report.timed("amp", "float32", reference)
+    report.timed("amp", "float32", reference, seconds_per_instance=reference.seconds / len(masks))
     for dtype in amp:
         run = measure(device, lambda: ours(window, data, masks, Sampling(samples), noise, seed,
                                            GradientEngine("loop", amp=dtype)))
         errors = [relative_l2(run.result[i].map, reference.result[i].map) for i in masks]
         report.timed("amp", dtype, run, median_rel_l2=float(statistics.median(errors)), max_rel_l2=max(errors),
-                     float32_over_amp_seconds=reference.seconds / run.seconds)
+                     float32_over_amp_seconds=reference.seconds / run.seconds,
+                     seconds_per_instance=run.seconds / len(masks))
 
 
 def _integers(text: str) -> tuple[int, ...]:
@@ -387,15 +415,17 @@ def _integers(text: str) -> tuple[int, ...]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("/tmp/nnxai-benchmark"), show_default=True,
               help="Where the phantom cohort is written (reused when present).")
-@click.option("--case", default="phantom_002", show_default=True)
+@click.option("--case", default="phantom_001", show_default=True,
+              help="Phantom case id, or 'most' for the case with the most lesions.")
 @click.option("--cases", default=12, show_default=True, help="Phantom cohort size (case ids depend on it).")
 @click.option("--seed", default=0, show_default=True, help="Phantom, network and noise seed.")
-@click.option("--spacing", default=2.0, show_default=True, help="Phantom voxel size in mm.")
+@click.option("--spacing", default=4.0, show_default=True, help="Phantom voxel size in mm.")
 @click.option("--instances", default=0, show_default=True, help="Explain only the first N lesions (0: all).")
 @click.option("--features", default=",".join(map(str, CPU_FEATURES)), show_default=True,
               help="Features per stage (comma separated).")
 @click.option("--convs", default=2, show_default=True, help="Convolutions per stage.")
-@click.option("--patch", default=CPU_PATCH_SIZE[0], show_default=True, help="Cubic patch size.")
+@click.option("--patch", default=32, show_default=True,
+              help=f"Cubic patch size (the CPU plan's is {CPU_PATCH_SIZE[0]}, for 2 mm).")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 @click.option("--threads", default=1, show_default=True,
               help="torch CPU threads (on shared cores one thread is often the fastest).")
@@ -412,10 +442,14 @@ def _integers(text: str) -> tuple[int, ...]:
 @click.option("--fixed-samples", default=50, show_default=True)
 @click.option("--reference-samples", default=200, show_default=True)
 @click.option("--amp", default="bf16,fp16", show_default=True, help="Autocast types compared with float32.")
+@click.option("--ours-amp", type=click.Choice(["bf16", "fp16"]),
+              help="Also time ours with this autocast in the mean part (for GPUs).")
+@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
+              help="nnU-Net checkpoint of a network with these --features/--convs (default: untrained).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the figures as JSON.")
 def main(workdir, case, cases, seed, spacing, instances, features, convs, patch, device, threads, tta, samples, noise, parts,
-         backward, max_voxels, auto_instances, tol, max_samples, fixed_samples, reference_samples, amp,
-         json_path) -> None:
+         backward, max_voxels, auto_instances, tol, max_samples, fixed_samples, reference_samples, amp, ours_amp,
+         weights, json_path) -> None:
     """Time instance-level SmoothGrad the study's way, with Captum and ours on one phantom case."""
     selected = tuple(p for p in parts.split(",") if p)
     unknown = [p for p in selected if p not in PARTS]
@@ -423,7 +457,8 @@ def main(workdir, case, cases, seed, spacing, instances, features, convs, patch,
         raise click.BadParameter(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}", param_hint="--parts")
     record = run_benchmark(workdir, case, cases, seed, spacing, instances, _integers(features), convs, patch, device, threads,
                            tta, samples, noise, selected, backward, max_voxels, auto_instances, tol, max_samples,
-                           fixed_samples, reference_samples, tuple(a for a in amp.split(",") if a))
+                           fixed_samples, reference_samples, tuple(a for a in amp.split(",") if a), ours_amp,
+                           weights)
     if json_path:
         json_path.write_text(json.dumps(record, indent=2) + "\n")
 

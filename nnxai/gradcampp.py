@@ -21,6 +21,7 @@ voxels, exact when they divide by the stride) and the map is upsampled trilinear
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from nnxai.sliding_window import Slices, SlidingWindow, TileLayout
 from nnxai.smoothgrad import GradientEngine, bounding_region, local_slices
 
 VARIANTS = ("monai", "paper")
+GRADIENT_BUDGET_MB = 2048  # instances' gradient maps held at once without --memory-budget; more go in groups
 _INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
@@ -215,7 +217,9 @@ def instance_gradcampp(
     """Grad-CAM++ map (*spatial, network space) per instance of a preprocessed (C, *spatial) volume.
 
     Raw values by default (comparable across instances and cases); `normalize` min-max scales each map
-    to [0, 1]. An instance's map depends only on its own mask.
+    to [0, 1]. An instance's map depends only on its own mask. Each instance holds a gradient map over the
+    tiles it touches; instances whose maps exceed the engine's memory budget (default GRADIENT_BUDGET_MB)
+    together are explained in groups, each group repeating the forward passes.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -229,9 +233,12 @@ def instance_gradcampp(
                     for i, m in masks.items()}
     unpadded_shape = tuple(u.stop - u.start for u in layout.unpad)
     cams = {i: torch.zeros(unpadded_shape, device=window.device) for i in masks}
-    for network in window.networks:
-        activations, gradients = _gather(window, network, layout, grid, padded, padded_masks, info, lesion_channel,
-                                         engine, progress)
+    regions = {i: bounding_region([place for tile, place in zip(layout.tiles, grid.places) if bool(mask[tile].any())],
+                                  len(grid.shape)) for i, mask in padded_masks.items()}
+    budget = (engine.memory_budget_mb or GRADIENT_BUDGET_MB) * 2 ** 20
+    for network, group in itertools.product(window.networks, _groups(regions, 4 * info.channels, budget)):
+        activations, gradients = _gather(window, network, layout, grid, padded, padded_masks,
+                                         {i: regions[i] for i in group}, info, lesion_channel, engine, progress)
         box = activations[(slice(None), *grid.unpadded)]
         sums = box.sum(tuple(range(1, box.dim())))
         for instance_id, (region, gradient) in gradients.items():
@@ -247,6 +254,20 @@ def instance_gradcampp(
             cams[instance_id] += cam / len(window.networks)
     return {instance_id: _normalized(cam).cpu().numpy() if normalize else cam.cpu().numpy()
             for instance_id, cam in cams.items()}
+
+
+def _groups(regions: Mapping[int, Slices], bytes_per_voxel: int, budget: float) -> list[list[int]]:
+    """Instance ids in consecutive groups whose gradient maps fit the budget together (at least one each)."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for instance_id, region in regions.items():
+        size = bytes_per_voxel * math.prod(r.stop - r.start for r in region)
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(instance_id)
+        used += size
+    return groups
 
 
 def _float64(tensor: torch.Tensor) -> torch.Tensor:
@@ -265,24 +286,20 @@ def _normalized(cam: torch.Tensor) -> torch.Tensor:
 
 
 def _gather(window: SlidingWindow, network: nn.Module, layout: TileLayout, grid: _LayerGrid, padded: torch.Tensor,
-            masks: Mapping[int, torch.Tensor], info: LayerInfo, lesion_channel: int, engine: GradientEngine,
-            progress: bool) -> tuple[torch.Tensor, dict[int, tuple[Slices, torch.Tensor]]]:
-    """One network's blended layer activations on the layer grid and, per instance, its summed gradients
-    over the box of the tiles it touches (that box, and the gradients in it)."""
+            masks: Mapping[int, torch.Tensor], regions: Mapping[int, Slices], info: LayerInfo, lesion_channel: int,
+            engine: GradientEngine, progress: bool) -> tuple[torch.Tensor, dict[int, tuple[Slices, torch.Tensor]]]:
+    """One network's blended layer activations on the layer grid and, for each instance in `regions`, its
+    summed gradients over its region (the box of the tiles it touches): that box and the gradients in it."""
     activations = torch.zeros((info.channels, *grid.shape), device=window.device)
-    gradients = {}
-    for instance_id, mask in masks.items():
-        tiles = [place for tile, place in zip(layout.tiles, grid.places) if bool(mask[tile].any())]
-        region = bounding_region(tiles, len(grid.shape))
-        gradients[instance_id] = (region, torch.zeros((info.channels, *(r.stop - r.start for r in region)),
-                                                      device=window.device))
+    gradients = {i: (region, torch.zeros((info.channels, *(r.stop - r.start for r in region)), device=window.device))
+                 for i, region in regions.items()}
     captured: list[torch.Tensor] = []
     handle = network.get_submodule(info.name).register_forward_hook(lambda _m, _i, output: captured.append(output))
     flips = _flips(window.mirror_axes)
     try:
         for index, tile in enumerate(tqdm(layout.tiles, desc="Grad-CAM++", unit="tile", disable=not progress,
                                           leave=False)):
-            inside = [i for i, mask in masks.items() if bool(mask[tile].any())]
+            inside = [i for i in regions if bool(masks[i][tile].any())]
             tile_input = padded[(slice(None), *tile)].detach().requires_grad_(bool(inside))
             captured.clear()
             with torch.set_grad_enabled(bool(inside)), engine.autocast(window.device):

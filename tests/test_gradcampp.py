@@ -12,8 +12,10 @@ from click.testing import CliRunner
 from torch import nn
 
 from nnxai.cli import main
-from nnxai.gradcampp import LayerError, check_layer, default_layer, gradcampp_map, instance_gradcampp, valid_layers
+from nnxai.gradcampp import (LayerError, _groups, check_layer, default_layer, gradcampp_map, instance_gradcampp,
+                             valid_layers)
 from nnxai.sliding_window import SlidingWindow
+from nnxai.smoothgrad import GradientEngine
 from tests.conftest import tiny_unet
 from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 from tests.fake_model import write_case, write_model_folder
@@ -219,3 +221,20 @@ def test_bad_gradcampp_and_amp_options_are_one_line_errors(explained, tmp_path, 
                                        "-m", str(explained / "model"), "-device", "cpu", *arguments])
     assert result.exit_code != 0 and message in result.output
     assert not list((tmp_path / "out").glob("*/instances.csv"))
+
+
+def test_instances_beyond_the_memory_budget_go_in_groups_with_the_same_maps():
+    shape = (13, 12, 6)
+    data = torch.randn(2, *shape, generator=torch.Generator().manual_seed(7))
+    window = SlidingWindow([tiny_unet()], (8, 8, 8))
+    masks = masks_for(shape)
+    together = instance_gradcampp(window, data, masks)
+    one_by_one = instance_gradcampp(window, data, masks, engine=GradientEngine(memory_budget_mb=1e-3))
+    for instance_id in masks:
+        np.testing.assert_allclose(one_by_one[instance_id], together[instance_id], rtol=1e-6, atol=1e-9)
+
+
+def test_groups_fill_the_budget_in_order():
+    regions = {1: (slice(0, 2), slice(0, 2)), 2: (slice(0, 1), slice(0, 2)), 3: (slice(0, 4), slice(0, 4))}
+    assert _groups(regions, 1, budget=6) == [[1, 2], [3]]  # sizes 4, 2, 16: the oversized one alone
+    assert _groups(regions, 1, budget=100) == [[1, 2, 3]]
