@@ -213,6 +213,16 @@ def insert_lesions(images: np.ndarray, lesions: list[PlacedLesion], flair_channe
     return modified
 
 
+def synthetic_channels(channel_names: list[str], white_matter_given: bool) -> tuple[int, int | None]:
+    """(FLAIR, T1 or None) channel indices; refuses models without FLAIR, and without T1 unless WM masks are given."""
+    flair, t1 = channel_index(channel_names, "FLAIR"), channel_index(channel_names, "T1")
+    if flair is None:
+        raise ExperimentError(f"model channels {channel_names}: none is FLAIR, which synthetic lesions brighten")
+    if t1 is None and not white_matter_given:
+        raise ExperimentError(f"model channels {channel_names}: no T1 to find white matter in; give --wm-mask")
+    return flair, t1
+
+
 def table_columns(channel_names: list[str], method: str) -> list[str]:
     """Columns of synthetic.csv, in order."""
     columns = ["case", "lesion_id", "volume_id", "group", "size_mm3", "flair_factor", "t1_factor", "voxels",
@@ -230,22 +240,18 @@ def synthetic_case(model: LoadedModel, window: SlidingWindow, case: str, files: 
     (`<case>_synNNN_0000.nii.gz`, ...) with its lesion ids (`<case>_synNNN_lesions.nii.gz`).
     """
     check_channels(files)
+    channels = model.channel_names
+    flair_channel, t1_channel = synthetic_channels(channels, wm_file is not None)
     images, properties = read_images(model, files)
     spacing = np.asarray(properties["spacing"], dtype=float)
-    channels = model.channel_names
-    flair_channel, t1_channel = channel_index(channels, "FLAIR"), channel_index(channels, "T1")
-    if flair_channel is None:
-        raise ExperimentError(f"model channels {channels}: none is FLAIR, which synthetic lesions brighten")
+    if wm_file is not None:
+        white_matter = read_white_matter(model, wm_file, images.shape[1:], properties["spacing"])
+    else:
+        white_matter = white_matter_from_t1(images[t1_channel], create_nonzero_mask(images), design.seed)
     baseline = predict(model, window, images, properties, settings)
     existing = baseline.binary.copy()
     if gt_file is not None:
         existing |= read_ground_truth(model, gt_file, baseline.properties, settings.lesion_label)
-    if wm_file is not None:
-        white_matter = read_white_matter(model, wm_file, images.shape[1:], properties["spacing"])
-    elif t1_channel is not None:
-        white_matter = white_matter_from_t1(images[t1_channel], create_nonzero_mask(images), design.seed)
-    else:
-        raise ExperimentError(f"model channels {channels}: no T1 to find white matter in; give a white-matter mask")
     rng = np.random.default_rng([design.seed, zlib.crc32(case.encode())])
     nawm = normal_appearing(white_matter, existing, spacing, design.clearance_mm)
     placement = place_lesions(nawm, design, spacing, rng, settings.connectivity)
@@ -319,6 +325,7 @@ def synthetic_experiment(model: LoadedModel, cases: dict[str, list[Path]], out_d
                          save_volumes: bool = False, device: str = "cpu", overwrite: bool = False,
                          progress: bool = True) -> tuple[pd.DataFrame, ExperimentOutcome]:
     """The synthetic-lesion experiment on every case; writes `out_dir/experiments/synthetic.csv` (resumable)."""
+    synthetic_channels(model.channel_names, wm_dir is not None)
     window = model.sliding_window(settings.step_size, settings.use_mirroring, device)
     ending = model.dataset_json["file_ending"]
     volumes_dir = experiment_folder(out_dir, VOLUMES_FOLDER) if save_volumes else None

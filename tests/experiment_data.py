@@ -30,9 +30,11 @@ def write_scanner_like_case(images_dir: Path, case: str, seed: int, labels_dir: 
 
 
 def write_like(reference: Path, array: np.ndarray, path: Path) -> None:
-    """Write `array` (SimpleITK order) with the geometry of the image at `reference`."""
-    image = sitk.GetImageFromArray(array)
-    image.CopyInformation(sitk.ReadImage(str(reference)))
+    """Write `array` (SimpleITK order) with the spacing, origin and direction of the image at `reference`."""
+    image, source = sitk.GetImageFromArray(array), sitk.ReadImage(str(reference))
+    image.SetSpacing(source.GetSpacing())
+    image.SetOrigin(source.GetOrigin())
+    image.SetDirection(source.GetDirection())
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(image, str(path))
 

@@ -1,18 +1,20 @@
 """Synthetic lesions: white matter, placement, the inserted contrast, and the experiment on the tiny trained model."""
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+import torch
 from click.testing import CliRunner
 from scipy import ndimage
 
 from nnxai.cli import main
 from nnxai.experiments import ExperimentError
-from nnxai.synthetic import (PlacedLesion, PlannedLesion, SyntheticDesign, insert_lesions, normal_appearing,
-                             place_lesions, table_columns, white_matter_from_t1)
-from tests.experiment_data import explained_cohort, write_like
+from nnxai.synthetic import (PlacedLesion, PlannedLesion, SyntheticDesign, _saliency, insert_lesions,
+                             normal_appearing, place_lesions, synthetic_channels, table_columns, white_matter_from_t1)
+from tests.experiment_data import SETTINGS, explained_cohort, write_like
 
 
 def test_white_matter_is_the_brightest_t1_class_inside_the_brain():
@@ -65,9 +67,15 @@ def test_contrast_multiplies_the_lesion_and_nothing_far_from_it():
     assert 100 < modified[0, 7, 12, 12] < modified[0, 8, 12, 12] < 150  # the border is blended over about a millimetre
 
 
-def test_design_refuses_empty_sweeps():
+def test_design_and_channels_refuse_what_cannot_work():
     with pytest.raises(ExperimentError, match="sizes_mm3"):
         SyntheticDesign(sizes_mm3=())
+    assert synthetic_channels(["FLAIR", "MPRAGE"], False) == (0, 1)
+    assert synthetic_channels(["T2", "FLAIR"], True) == (1, None)
+    with pytest.raises(ExperimentError, match="no T1 to find white matter in"):
+        synthetic_channels(["T2", "FLAIR"], False)
+    with pytest.raises(ExperimentError, match="none is FLAIR"):
+        synthetic_channels(["T1", "T2"], True)
 
 
 def digest(folder):
@@ -113,3 +121,19 @@ def test_bright_lesions_are_detected_faint_ones_not(tmp_path):
 
     again = runner.invoke(main, args)
     assert again.exit_code == 0 and "1 finished earlier" in again.output
+
+    write_like(reference, np.ones(shape, np.uint8)[:, :, :-1], tmp_path / "bad_wm" / "case_0.nii.gz")
+    other = tmp_path / "other_out"  # the same explain run, another experiment folder
+    other.mkdir()
+    for name in ("run.json", "instances.csv"):
+        (other / name).write_text((out / name).read_text())
+    bad = runner.invoke(main, ["experiment", "synthetic", str(other), "--sizes", "60", "--wm-mask",
+                               str(tmp_path / "bad_wm"), "-device", "cpu"])
+    assert bad.exit_code == 1 and "bad_wm/case_0.nii.gz: shape" in bad.output and "Traceback" not in bad.output
+    assert not list((other / "experiments" / "synthetic").glob("*.csv"))  # no table for the failed case
+
+
+def test_without_saliency_the_columns_are_empty(tmp_path):
+    masks = {3: np.ones((4, 4, 4), bool)}
+    maps = _saliency(None, torch.zeros((2, 4, 4, 4)), masks, replace(SETTINGS, samples=0), "case", False)
+    assert maps[3].shape == (2, 4, 4, 4) and np.isnan(maps[3]).all()
