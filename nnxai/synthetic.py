@@ -16,6 +16,8 @@ synthetic lesion gets a row: detected or not, mean lesion probability inside it,
   synthetic lesion). With `per_volume` > 1, that many lesions share a volume, their centres at least
   `min_distance_mm` apart: fewer predictions, at the price of a small influence of one lesion on another's
   prediction when both fall in one sliding-window tile (use a distance of at least a patch's extent to avoid it).
+- Saliency as `nnxai explain` computes it, with the run's methods and settings (SmoothGrad sampling, noise,
+  aggregation; Grad-CAM++ layer and variant): the same statistics columns as instances.csv.
 - Detection follows the run's matching rule: the lesion counts as detected when a predicted component (after
   `min_size`) matches it (any overlap, or IoU). Its explained region is then the matching predicted
   component(s); when missed, the inserted mask itself (as for a false negative).
@@ -30,11 +32,13 @@ import os
 import shutil
 import sys
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
 from scipy import ndimage
 from sklearn.cluster import KMeans
@@ -43,13 +47,15 @@ from tqdm import tqdm
 from dataset_conversion.phantom import apply_lesion_contrast, lesion_blob
 from nnxai.experiments import (ExperimentError, ExperimentOutcome, channel_index, experiment_folder,
                                matching_components, predict, predict_near, preprocess_copy, run_cases)
-from nnxai.explain import (CaseError, ExplainSettings, LesionInstance, _instance_row, _network_masks, check_channels,
-                           read_ground_truth)
+from nnxai.explain import (CaseError, ExplainSettings, LesionInstance, _base_row, _network_masks, _statistics,
+                           check_channels, read_ground_truth)
+from nnxai.explain import table_columns as instance_table_columns
 from nnxai.geometry import read_images, write_volume
+from nnxai.gradcampp import instance_gradcampp
 from nnxai.instances import label_components
 from nnxai.model import LoadedModel
 from nnxai.sliding_window import SlidingWindow
-from nnxai.smoothgrad import instance_smoothgrad, noise_generator
+from nnxai.smoothgrad import GradientEngine, noise_generator, smoothgrad_maps
 
 EXPERIMENT = "synthetic"
 GROUP = "synthetic"
@@ -223,12 +229,13 @@ def synthetic_channels(channel_names: list[str], white_matter_given: bool) -> tu
     return flair, t1
 
 
-def table_columns(channel_names: list[str], method: str) -> list[str]:
-    """Columns of synthetic.csv, in order."""
+def table_columns(channel_names: list[str], methods: Sequence[str]) -> list[str]:
+    """Columns of synthetic.csv, in order: the design and outcome, then the saliency columns of instances.csv."""
     columns = ["case", "lesion_id", "volume_id", "group", "size_mm3", "flair_factor", "t1_factor", "voxels",
                "volume_mm3", "detected", "mean_probability", "baseline_probability", "explained_region",
                "region_voxels", "network_voxels", "centroid_x", "centroid_y", "centroid_z"]
-    return columns + [f"{method}_{name}_{stat}" for name in channel_names for stat in ("peak_pos", "peak_neg", "mean")]
+    instance_columns = instance_table_columns(channel_names, tuple(methods))
+    return columns + instance_columns[len(instance_table_columns(channel_names, ())):]
 
 
 def synthetic_case(model: LoadedModel, window: SlidingWindow, case: str, files: list[Path], settings: ExplainSettings,
@@ -275,15 +282,16 @@ def synthetic_case(model: LoadedModel, window: SlidingWindow, case: str, files: 
                    for lesion in lesions}
         instances = [LesionInstance(i, GROUP, region) for i, (_, region) in regions.items()]
         network_masks = _network_masks(model, instances, volume_properties)
-        maps = _saliency(window, data, network_masks, settings, f"{case}/{EXPERIMENT}/{volume_id}", progress)
+        saliency = saliency_statistics(window, data, network_masks, channels, settings,
+                                       f"{case}/{EXPERIMENT}/{volume_id}", progress)
         for lesion in lesions:
             lesion_id = lesion.planned.lesion_id
             detected, region = regions[lesion_id]
-            row = _instance_row(case, LesionInstance(lesion_id, GROUP, lesion.mask), prediction.probability,
-                                volume_properties, network_masks[lesion_id], maps[lesion_id], channels,
-                                settings.method)
+            row = _base_row(case, LesionInstance(lesion_id, GROUP, lesion.mask), prediction.probability,
+                            volume_properties, network_masks[lesion_id])
             row.pop("instance_id")
-            rows.append({**row, "lesion_id": lesion_id, "volume_id": volume_id, "size_mm3": lesion.planned.size_mm3,
+            rows.append({**row, **saliency[lesion_id], "lesion_id": lesion_id, "volume_id": volume_id,
+                         "size_mm3": lesion.planned.size_mm3,
                          "flair_factor": lesion.planned.flair_factor,
                          "t1_factor": lesion.planned.t1_factor if t1_channel is not None else np.nan,
                          "detected": detected,
@@ -297,16 +305,38 @@ def synthetic_case(model: LoadedModel, window: SlidingWindow, case: str, files: 
         shutil.rmtree(final, ignore_errors=True)
         staging.mkdir(parents=True, exist_ok=True)
         staging.rename(final)
-    return pd.DataFrame(rows, columns=table_columns(channels, settings.method))
+    return pd.DataFrame(rows, columns=table_columns(channels, settings.methods))
 
 
-def _saliency(window: SlidingWindow, data, network_masks: dict[int, np.ndarray], settings: ExplainSettings,
-              stream: str, progress: bool) -> dict[int, np.ndarray]:
-    """Instance SmoothGrad maps with the run's settings; NaN maps when `settings.samples` is 0 (no saliency)."""
+def saliency_statistics(window: SlidingWindow, data: torch.Tensor, network_masks: dict[int, np.ndarray],
+                        channel_names: list[str], settings: ExplainSettings, stream: str,
+                        progress: bool = False) -> dict[int, dict[str, float]]:
+    """Per region, the saliency columns of instances.csv, computed as `nnxai explain` computes them: the run's
+    methods (SmoothGrad with its sampling, noise and aggregation; Grad-CAM++ with its layer and variant), in
+    network space. With `settings.samples` 0 no map is computed and the columns are NaN."""
+    columns = table_columns(channel_names, settings.methods)[len(table_columns(channel_names, ())):]
     if settings.samples == 0:
-        return {i: np.full(data.shape, np.nan, dtype=np.float32) for i in network_masks}
-    return instance_smoothgrad(window, data, network_masks, settings.samples, settings.noise,
-                               noise_generator(settings.seed, stream), settings.lesion_label, progress)
+        return {region: dict.fromkeys(columns, np.nan) for region in network_masks}
+    engine = GradientEngine(amp=settings.amp)
+    statistics: dict[int, dict[str, float]] = {region: {} for region in network_masks}
+    if "smoothgrad" in settings.methods:
+        maps = smoothgrad_maps(window, data, network_masks, settings.sampling(), settings.noise,
+                               noise_generator(settings.seed, stream), settings.lesion_label, settings.aggregation,
+                               engine, progress)
+        for region, result in maps.items():
+            mask = network_masks[region]
+            for channel, name in enumerate(channel_names):
+                statistics[region].update(_statistics(result.map[channel][mask], {
+                    stat: f"smoothgrad_{name}_{stat}" for stat in ("peak_pos", "peak_neg", "mean")}))
+            statistics[region].update(smoothgrad_samples=result.samples,
+                                      smoothgrad_rel_std_error=result.relative_standard_error)
+    if "gradcampp" in settings.methods:
+        cams = instance_gradcampp(window, data, network_masks, settings.layer, settings.gradcampp_variant,
+                                  settings.normalize, settings.lesion_label, engine, progress)
+        for region, cam in cams.items():
+            statistics[region].update(_statistics(cam[network_masks[region]],
+                                                  {"peak": "gradcampp_peak", "mean": "gradcampp_mean"}))
+    return statistics
 
 
 def _write_volume_files(folder: Path, case: str, volume_id: int, images: np.ndarray, lesions: list[PlacedLesion],

@@ -12,9 +12,12 @@ from scipy import ndimage
 
 from nnxai.cli import main
 from nnxai.experiments import ExperimentError
-from nnxai.synthetic import (PlacedLesion, PlannedLesion, SyntheticDesign, _saliency, insert_lesions,
-                             normal_appearing, place_lesions, synthetic_channels, table_columns, white_matter_from_t1)
+from nnxai.model import load_model
+from nnxai.synthetic import (PlacedLesion, PlannedLesion, SyntheticDesign, insert_lesions, normal_appearing,
+                             place_lesions, saliency_statistics, synthetic_channels, table_columns,
+                             white_matter_from_t1)
 from tests.experiment_data import SETTINGS, explained_cohort, write_like
+from tests.fake_model import write_model_folder
 
 
 def test_white_matter_is_the_brightest_t1_class_inside_the_brain():
@@ -96,14 +99,15 @@ def test_bright_lesions_are_detected_faint_ones_not(tmp_path):
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "experiments" / "synthetic.csv")
-    assert list(table.columns) == table_columns(["FLAIR", "T1"], "smoothgrad")
+    assert list(table.columns) == table_columns(["FLAIR", "T1"], ["smoothgrad"])
+    assert (table.smoothgrad_samples == 1).all()  # the explain run's settings
     assert len(table) == 4 and set(table.group) == {"synthetic"}
     bright, faint = table[table.flair_factor == 1.6], table[table.flair_factor == 1.02]
     assert bright.detected.all() and not faint.detected.any()
     assert bright.mean_probability.min() > 0.5 > faint.mean_probability.max()
     assert (table.baseline_probability < 0.2).all()  # placed in tissue the model saw as normal
     assert (bright.explained_region == "prediction").all() and (faint.explained_region == "inserted").all()
-    assert (bright.smoothgrad_FLAIR_peak_pos > 0).all() and table.filter(like="smoothgrad").notna().all().all()
+    assert (bright.smoothgrad_FLAIR_peak_pos > 0).all() and table.filter(regex="smoothgrad_(FLAIR|T1)_").notna().all().all()
     assert (table.volume_mm3 > 20).all() and table.centroid_x.notna().all()
 
     assert digest(images) == before  # inputs never change on disk
@@ -133,7 +137,24 @@ def test_bright_lesions_are_detected_faint_ones_not(tmp_path):
     assert not list((other / "experiments" / "synthetic").glob("*.csv"))  # no table for the failed case
 
 
-def test_without_saliency_the_columns_are_empty(tmp_path):
+def test_saliency_follows_the_runs_methods(tmp_path):
+    model = load_model(write_model_folder(tmp_path / "model"))
+    data = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 20, 20, 20)).astype(np.float32))
+    data[0, 8:12, 8:12, 8:12] += 3  # a bright FLAIR blob: a lesion to the tiny model
+    mask = np.zeros((20, 20, 20), bool)
+    mask[8:12, 8:12, 8:12] = True
+    settings = replace(SETTINGS, methods=("smoothgrad", "gradcampp"), samples=2)
+    statistics = saliency_statistics(model.sliding_window(use_mirroring=False), data, {5: mask}, ["FLAIR", "T1"],
+                                     settings, "case")[5]
+    assert list(statistics) == table_columns(["FLAIR", "T1"], settings.methods)[18:]
+    assert statistics["smoothgrad_samples"] == 2 and statistics["smoothgrad_FLAIR_peak_pos"] > 0
+    assert statistics["gradcampp_peak"] >= statistics["gradcampp_mean"] >= 0  # ReLU'd map
+
+
+def test_without_saliency_the_columns_are_empty():
     masks = {3: np.ones((4, 4, 4), bool)}
-    maps = _saliency(None, torch.zeros((2, 4, 4, 4)), masks, replace(SETTINGS, samples=0), "case", False)
-    assert maps[3].shape == (2, 4, 4, 4) and np.isnan(maps[3]).all()
+    settings = replace(SETTINGS, samples=0, methods=("smoothgrad", "gradcampp"))
+    statistics = saliency_statistics(None, torch.zeros((2, 4, 4, 4)), masks, ["FLAIR", "T1"], settings, "case")
+    assert list(statistics[3]) == table_columns(["FLAIR", "T1"], settings.methods)[18:]
+    assert list(statistics[3])[-2:] == ["gradcampp_peak", "gradcampp_mean"]
+    assert all(np.isnan(value) for value in statistics[3].values())

@@ -50,7 +50,8 @@ def number_list(kind: type):
 def run_options(command):
     """Options shared by the experiments: where the model and data come from, and prediction overrides."""
     options = [
-        click.option("-m", "--model", "model_dir", type=click.Path(path_type=Path), help="Model folder [default: from run.json]."),
+        click.option("-m", "--model", "model_dir", type=click.Path(path_type=Path),
+                     help="Model folder [default: from run.json]."),
         click.option("-i", "--images", "images", type=click.Path(path_type=Path),
                      help="Input images folder (nnU-Net format) [default: from run.json]."),
         click.option("--gt", "gt_dir", type=click.Path(path_type=Path),
@@ -78,6 +79,14 @@ def run_options(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def _samples(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit():
+        raise click.BadParameter(f"{value!r}: a number of samples (0: no saliency) or auto")
+    return int(value)
 
 
 @dataclass
@@ -141,7 +150,8 @@ def finish(name: str, out: Path, outcome: ExperimentOutcome, what: str) -> None:
               help="Folder of white-matter masks (CASE.nii.gz, non-zero = WM) [default: T1 intensity classes].")
 @click.option("--save-volumes", is_flag=True,
               help="Also write each synthetic volume to OUT/experiments/synthetic_volumes/.")
-@click.option("--samples", type=click.IntRange(min=0), help="SmoothGrad samples (0: no saliency) [default: run.json].")
+@click.option("--samples", callback=lambda ctx, param, value: _samples(value),
+              help="SmoothGrad samples: a number, auto, or 0 for no saliency maps [default: run.json].")
 def synthetic(out, sizes, flair_factors, t1_factors, flair_sd, t1_sd, per_case, per_volume, min_distance_mm,
               clearance_mm, margin_mm, seed, wm_dir, save_volumes, samples, **run) -> None:
     """Insert synthetic lesions into normal-appearing white matter; record detection, probability and saliency."""
