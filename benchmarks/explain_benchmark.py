@@ -18,8 +18,9 @@ peak memory above the start, ratios and the largest map difference of:
         on --auto-instances instances spread over the size range;
   amp   ours with bf16/fp16 autocast versus float32 (relative L2 error of the maps).
 
-Defaults finish in minutes on a 2-core CPU; scale with --samples, --features, --max-voxels,
---auto-instances, --reference-samples. `benchmarks/gpu_check.sh` runs it at 1 mm on a CUDA GPU.
+The default parts (mean, max, amp) finish in a few minutes on 2 CPU cores; `--parts all` adds auto,
+which draws hundreds of samples (tens of minutes there). Scale with --samples, --instances, --features,
+--max-voxels, --auto-instances, --reference-samples. `benchmarks/gpu_check.sh` runs it at 1 mm on a GPU.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ from nnxai.sliding_window import SlidingWindow
 from nnxai.smoothgrad import GradientEngine, Sampling, noise_sigma, saved_graph_bytes, smoothgrad_maps, tile_forward
 
 PARTS = ("mean", "max", "auto", "amp")
+QUICK_PARTS = ("mean", "max", "amp")  # a few minutes on 2 CPU cores; "auto" draws hundreds of samples
 NNUNET_UNET_KWARGS = {  # nnU-Net's PlainConvUNet settings; stages, features and kernels come from small_architecture
     "conv_op": "torch.nn.modules.conv.Conv3d", "conv_bias": True,
     "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
@@ -116,6 +118,13 @@ def _resident_bytes() -> int:
 def _release_free_heap() -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def map_large_allocations(threshold: int = 2 ** 20) -> None:
+    """Serve CPU allocations from `threshold` bytes up with their own pages (glibc M_MMAP_THRESHOLD), so a freed
+    tensor leaves the resident set at once and the sampled peak follows the live tensors, not heap reuse."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD
 
 
 def measure(device: torch.device, function: Callable[[], object]) -> Measured:
@@ -269,6 +278,8 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
                   ours_amp: str | None = None, weights: Path | None = None) -> dict:
     torch.set_num_threads(threads)
     device = torch.device(device)
+    if device.type == "cpu":
+        map_large_allocations()
     report = Report()
     case, data, labels = phantom_case(workdir, case, cases, seed, spacing)
     masks = {int(i): labels == i for i in np.unique(labels) if i}
@@ -430,13 +441,15 @@ def _integers(text: str) -> tuple[int, ...]:
 @click.option("--threads", default=1, show_default=True,
               help="torch CPU threads (on shared cores one thread is often the fastest).")
 @click.option("--tta/--no-tta", default=False, show_default=True, help="Mirroring test-time augmentation.")
-@click.option("--samples", default=2, show_default=True, help="Noise samples for the mean, max and amp parts.")
+@click.option("--samples", default=1, show_default=True,
+              help="Noise samples for the mean, max and amp parts (costs are per sample).")
 @click.option("--noise", default=0.05, show_default=True)
-@click.option("--parts", default=",".join(PARTS), show_default=True, help="Which comparisons to run.")
+@click.option("--parts", default=",".join(QUICK_PARTS), show_default=True,
+              help=f"Comparisons to run, of {', '.join(PARTS)}, or 'all'.")
 @click.option("--backward", type=click.Choice(["auto", "loop", "batched"]), default="auto", show_default=True,
               help="Backward mode of ours in the mean and auto parts (max runs both).")
-@click.option("--max-voxels", default=16, show_default=True, help="Instance voxels in the max comparison.")
-@click.option("--auto-instances", default=4, show_default=True, help="Instances in the auto comparison.")
+@click.option("--max-voxels", default=12, show_default=True, help="Instance voxels in the max comparison.")
+@click.option("--auto-instances", default=2, show_default=True, help="Instances in the auto comparison.")
 @click.option("--tol", default=0.05, show_default=True)
 @click.option("--max-samples", default=200, show_default=True)
 @click.option("--fixed-samples", default=50, show_default=True)
@@ -451,7 +464,7 @@ def main(workdir, case, cases, seed, spacing, instances, features, convs, patch,
          backward, max_voxels, auto_instances, tol, max_samples, fixed_samples, reference_samples, amp, ours_amp,
          weights, json_path) -> None:
     """Time instance-level SmoothGrad the study's way, with Captum and ours on one phantom case."""
-    selected = tuple(p for p in parts.split(",") if p)
+    selected = PARTS if parts == "all" else tuple(p for p in parts.split(",") if p)
     unknown = [p for p in selected if p not in PARTS]
     if unknown:
         raise click.BadParameter(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}", param_hint="--parts")

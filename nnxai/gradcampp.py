@@ -295,30 +295,41 @@ def _gather(window: SlidingWindow, network: nn.Module, layout: TileLayout, grid:
                  for i, region in regions.items()}
     captured: list[torch.Tensor] = []
     handle = network.get_submodule(info.name).register_forward_hook(lambda _m, _i, output: captured.append(output))
-    flips = _flips(window.mirror_axes)
     try:
         for index, tile in enumerate(tqdm(layout.tiles, desc="Grad-CAM++", unit="tile", disable=not progress,
                                           leave=False)):
             inside = [i for i in regions if bool(masks[i][tile].any())]
-            tile_input = padded[(slice(None), *tile)].detach().requires_grad_(bool(inside))
             captured.clear()
-            with torch.set_grad_enabled(bool(inside)), engine.autocast(window.device):
-                logits = sum(_flip(network(_flip(tile_input, axes)[None])[0], axes) for axes in flips) / len(flips)
+            tile_activations, tile_gradients = _tile_activations_and_gradients(
+                window, network, padded, layout, tile, [masks[i] for i in inside], captured, lesion_channel, engine)
+            captured.clear()  # frees the tile's graph
             placed = grid.places[index]
-            tile_activations = sum(_flip(a[0].float(), axes) for a, axes in zip(captured, flips)) / len(flips)
-            activations[(slice(None), *placed)] += grid.weights[index] * tile_activations.detach()
-            if not inside:
-                continue
-            weight = layout.tile_weight(tile)
-            grad_outputs = torch.stack([masks[i][tile] * weight for i in inside])
-            per_flip = engine.gradients(logits[lesion_channel].float(), captured, grad_outputs)
-            summed = sum(_flip(g[:, 0].float(), tuple(a + 1 for a in axes)) for g, axes in zip(per_flip, flips))
-            for i, gradient in zip(inside, summed):
+            activations[(slice(None), *placed)] += grid.weights[index] * tile_activations
+            for i, gradient in zip(inside, tile_gradients):
                 region, accumulator = gradients[i]
                 accumulator[(slice(None), *local_slices(placed, region))] += gradient
     finally:
         handle.remove()
     return activations, gradients
+
+
+def _tile_activations_and_gradients(window: SlidingWindow, network: nn.Module, padded: torch.Tensor,
+                                    layout: TileLayout, tile: Slices, masks: Sequence[torch.Tensor],
+                                    captured: list[torch.Tensor], lesion_channel: int,
+                                    engine: GradientEngine) -> tuple[torch.Tensor, torch.Tensor | list]:
+    """One tile through one network (all its mirrorings): the hooked layer's activations averaged over flips,
+    and for each mask the gradient of its share of the target with respect to them, summed over flips."""
+    flips = _flips(window.mirror_axes)
+    tile_input = padded[(slice(None), *tile)].detach().requires_grad_(bool(masks))
+    with torch.set_grad_enabled(bool(masks)), engine.autocast(window.device):
+        logits = sum(_flip(network(_flip(tile_input, axes)[None])[0], axes) for axes in flips) / len(flips)
+    activations = sum(_flip(a[0].detach().float(), axes) for a, axes in zip(captured, flips)) / len(flips)
+    if not masks:
+        return activations, []
+    weight = layout.tile_weight(tile)
+    grad_outputs = torch.stack([m[tile] * weight for m in masks])
+    per_flip = engine.gradients(logits[lesion_channel].float(), captured, grad_outputs)
+    return activations, sum(_flip(g[:, 0].float(), tuple(a + 1 for a in axes)) for g, axes in zip(per_flip, flips))
 
 
 def _flip(tensor: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:

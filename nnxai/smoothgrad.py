@@ -363,7 +363,8 @@ def _prepare_instances(window: SlidingWindow, layout: TileLayout, masks: Mapping
         tiles = [tile for tile in layout.tiles if bool(padded_mask[tile].any())]
         region = bounding_region(tiles, len(layout.padded_shape))
         shape = [channels, *(s.stop - s.start for s in region)]
-        work[instance_id] = _InstanceWork(instance_id, padded_mask, tiles, region, RunningMean(shape, window.device, variance))
+        running = RunningMean(shape, window.device, variance)
+        work[instance_id] = _InstanceWork(instance_id, padded_mask, tiles, region, running)
     return work
 
 
@@ -422,15 +423,20 @@ def _mean_sample(tiles: _Tiles, padded: torch.Tensor, active: Sequence[_Instance
     batch_size = tiles.engine.batch_size(tiles.graph_bytes, bytes_per_target=gradient_bytes)
     for tile in tiles.layout.tiles:
         inside = [w for w in active if tile in w.tiles]
-        if not inside:
-            continue
-        tile_input, lesion_logits = tiles.forward(padded, tile)
-        weight = tiles.layout.tile_weight(tile)
-        for batch in _batches(inside, batch_size):
-            grad_outputs = torch.stack([w.mask[tile] * weight for w in batch])
-            (gradients,) = tiles.engine.gradients(lesion_logits, [tile_input], grad_outputs)
-            for w, gradient in zip(batch, gradients):
-                sample_maps[w.instance_id][(slice(None), *local_slices(tile, w.region))] += gradient
+        if inside:
+            _mean_tile(tiles, padded, tile, inside, batch_size, sample_maps)
+
+
+def _mean_tile(tiles: _Tiles, padded: torch.Tensor, tile: Slices, inside: Sequence[_InstanceWork], batch_size: int,
+               sample_maps: dict[int, torch.Tensor]) -> None:
+    """Forward one tile and add each inside instance's gradient; the tile's graph is freed on return."""
+    tile_input, lesion_logits = tiles.forward(padded, tile)
+    weight = tiles.layout.tile_weight(tile)
+    for batch in _batches(inside, batch_size):
+        grad_outputs = torch.stack([w.mask[tile] * weight for w in batch])
+        (gradients,) = tiles.engine.gradients(lesion_logits, [tile_input], grad_outputs)
+        for w, gradient in zip(batch, gradients):
+            sample_maps[w.instance_id][(slice(None), *local_slices(tile, w.region))] += gradient
 
 
 def _max_sample(tiles: _Tiles, padded: torch.Tensor, active: Sequence[_InstanceWork],
@@ -449,15 +455,22 @@ def _max_sample(tiles: _Tiles, padded: torch.Tensor, active: Sequence[_InstanceW
         for batch in _batches(group, batch_size):
             buffer = torch.zeros((len(batch), *buffer_shape), device=padded.device)
             for tile in tile_group:
-                tile_input, lesion_logits = tiles.forward(padded, tile)
-                weight = tiles.layout.tile_weight(tile)
-                grad_outputs = torch.zeros((len(batch), *lesion_logits.shape), device=padded.device)
-                for index, (_, position) in enumerate(batch):
-                    local = tuple(p - t.start for p, t in zip(position, tile))
-                    grad_outputs[(index, *local)] = weight[local]
-                (gradients,) = tiles.engine.gradients(lesion_logits, [tile_input], grad_outputs)
-                buffer[(slice(None), slice(None), *local_slices(tile, region))] += gradients
+                buffer[(slice(None), slice(None), *local_slices(tile, region))] += _voxel_gradients(
+                    tiles, padded, tile, [position for _, position in batch])
             _keep_largest_magnitude(batch, buffer, region, sample_maps)
+
+
+def _voxel_gradients(tiles: _Tiles, padded: torch.Tensor, tile: Slices,
+                     positions: Sequence[tuple[int, ...]]) -> torch.Tensor:
+    """Gradients (k, C, *patch) of each voxel's share of its logit in `tile`; the graph is freed on return."""
+    tile_input, lesion_logits = tiles.forward(padded, tile)
+    weight = tiles.layout.tile_weight(tile)
+    grad_outputs = torch.zeros((len(positions), *lesion_logits.shape), device=padded.device)
+    for index, position in enumerate(positions):
+        local = tuple(p - t.start for p, t in zip(position, tile))
+        grad_outputs[(index, *local)] = weight[local]
+    (gradients,) = tiles.engine.gradients(lesion_logits, [tile_input], grad_outputs)
+    return gradients
 
 
 def _voxels_by_tiles(layout: TileLayout, active: Sequence[_InstanceWork]) -> Iterator[tuple[tuple[bool, ...], list]]:

@@ -8,7 +8,7 @@ from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 
 def test_benchmark_runs_every_part_and_its_maps_agree(tmp_path):
-    arguments = ["--workdir", str(tmp_path), "--cases", "4", "--case", "phantom_001", "--spacing", "4",
+    arguments = ["--workdir", str(tmp_path), "--parts", "all", "--cases", "4", "--case", "phantom_001", "--spacing", "4",
                  "--instances", "2", "--features", "4,8", "--convs", "1", "--patch", "16", "--samples", "1",
                  "--max-voxels", "4", "--auto-instances", "2", "--fixed-samples", "3", "--reference-samples", "4",
                  "--max-samples", "6", "--json", str(tmp_path / "figures.json")]
