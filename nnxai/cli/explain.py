@@ -82,8 +82,8 @@ def parse_samples(_ctx, _param, value: str) -> int | str:
               help="alpha's denominator: sum(A g^3) as MONAI (monai), or sum(A) g^3 as the paper's Eq. 19 (paper).")
 @click.option("--normalize", is_flag=True, help="Min-max scale each Grad-CAM++ map to [0, 1] (default: raw values).")
 @click.option("--amp", type=click.Choice(tuple(AMP_DTYPES)), is_flag=False, flag_value="bf16", default=None,
-              help="Mixed precision on CUDA (--amp = bf16; fp16 with scaled gradients). See docs/methods.md for "
-                   "its accuracy.")
+              help="Mixed precision on CUDA (--amp = bf16; fp16 with scaled gradients); maps move by several "
+                   "percent, see docs/methods.md.")
 @click.option("--backward", type=click.Choice(BACKWARD_MODES), default="auto", show_default=True,
               help="Backward passes one by one (loop), vmapped in batches (batched), or the faster of the two as "
                    "measured on the first batch (auto).")
@@ -116,8 +116,8 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
         raise click.UsageError(f"-part_id {part_id} must be smaller than -num_parts {num_parts}")
     device = resolve_device(device)
     if amp and device != "cuda":
-        raise click.UsageError(f"--amp needs -device cuda: autocast on {device} is slower than float32 here and "
-                               "less accurate; leave --amp out")
+        raise click.UsageError(f"--amp needs -device cuda: mixed precision is offered for GPUs only "
+                               f"(on {device}, leave --amp out and run in float32; see docs/methods.md)")
     if model_dir is None and not os.environ.get("nnUNet_results"):
         raise click.UsageError("-d needs the environment variable nnUNet_results (nnU-Net's trained models folder); "
                                "set it, or give the model folder with -m")
