@@ -132,6 +132,38 @@ def test_hooked_nnunet_block_in_one_tile_matches_direct_hook(layer):
     np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-4, atol=1e-6 * float(expected.max()))
 
 
+class InstanceScore(nn.Module):
+    """A segmentation network as a classifier for MONAI: class 1 scores the instance's summed lesion logits,
+    shifted by `offset` so that MONAI's exp(score) factor is exp(0) = 1."""
+
+    def __init__(self, network, mask):
+        super().__init__()
+        self.network = network
+        self.register_buffer("mask", torch.as_tensor(mask, dtype=torch.float32))
+        self.offset = 0.0
+
+    def forward(self, x):
+        lesion = (self.network(x)[:, 1] * self.mask).sum(dim=(1, 2, 3)) - self.offset
+        return torch.stack([torch.zeros_like(lesion), lesion], dim=1)
+
+
+def test_monai_gradcampp_gives_the_same_raw_map_in_one_tile():
+    from monai.visualize import GradCAMpp
+
+    network = tiny_unet(3)
+    data = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(4))
+    mask = np.zeros((8, 8, 8), bool)
+    mask[2:5, 3:6, 2:4] = True
+    classifier = InstanceScore(network, mask)
+    with torch.no_grad():
+        classifier.offset = float(classifier(data[None])[0, 1])
+    theirs = GradCAMpp(classifier, target_layers="network.decoder.stages.0").compute_map(data[None], class_idx=1)
+    ours = instance_gradcampp(SlidingWindow([network], (8, 8, 8)), data, {1: mask})[1]
+    assert ours.max() > 0
+    # MONAI adds 1e-7 to alpha's denominator; otherwise the raw maps are the same
+    np.testing.assert_allclose(ours, theirs[0, 0].detach().numpy(), rtol=1e-4, atol=1e-5 * ours.max())
+
+
 def test_map_is_independent_of_other_instances_and_normalizes_to_unit_range():
     shape = (13, 12, 6)
     data = torch.randn(2, *shape, generator=torch.Generator().manual_seed(5))
