@@ -23,6 +23,7 @@ DATASET_ID = 901
 DATASET_NAME = "MSPhantom"
 PLANS = "nnxaiCPUPlans"
 TRAINER = "nnUNetTrainerWMLShort"
+BASELINE_TRAINER = "nnUNetTrainerShort"
 CONFIGURATION = "3d_fullres"
 FOLD = "0"
 
@@ -42,9 +43,21 @@ class DemoSettings:
     explain_cases: int = 2
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
 
+    synthetic: tuple[str, ...] = ("--sizes", "30,100,300", "--flair-factors", "1.2,1.5", "--samples", "4")
+    context: tuple[str, ...] = ("--min-mm3", "60", "--max-mm3", "600", "--max-mm", "20", "--step-mm", "2",
+                                "--groups", "TP")
+    randomization: tuple[str, ...] = ("--max-instances", "3", "--no-independent", "--samples", "2")
+    deletion: tuple[str, ...] = ("--max-instances", "3", "--k", "0:50:10", "--seeds", "2")
+
     @classmethod
     def fast(cls) -> "DemoSettings":
-        return cls(cases=5, epochs=2, iterations=10, samples=2, explain_cases=1)
+        return cls(cases=5, epochs=2, iterations=10, samples=2, explain_cases=1,
+                   synthetic=("--sizes", "100", "--flair-factors", "1.5", "--samples", "1"),
+                   context=("--min-mm3", "60", "--max-mm3", "600", "--max-mm", "8", "--step-mm", "4",
+                            "--groups", "TP,FN", "--bootstrap", "100"),  # a fast model may find no TP
+                   randomization=("--max-instances", "1", "--no-independent", "--samples", "1",
+                                  "--layers", "decoder.seg_layers", "--layers", "encoder.stages"),
+                   deletion=("--max-instances", "1", "--k", "0:50:25", "--seeds", "1"))
 
 
 class Demo:
@@ -61,9 +74,29 @@ class Demo:
 
     @property
     def stages(self) -> list[tuple[str, Callable[[], None]]]:
+        out = str(self.explained)
         return [("phantom cohort", self.make_cohort), ("plan and preprocess", self.plan),
                 ("train", self.train), ("predict", self.predict), ("evaluate", self.evaluate),
-                ("explain", self.explain)]
+                ("train baseline", self.train_baseline), ("compare with baseline", self.compare),
+                ("explain", self.explain),
+                ("rings", self.command("experiment", "rings", out)),
+                ("synthetic lesions", self.command("experiment", "synthetic", out, *self.settings.synthetic)),
+                ("perilesional context", self.command("experiment", "context", out, *self.settings.context)),
+                ("statistics", self.command("stats", out)),
+                ("sanity: randomization", self.command("sanity", "randomize", out, *self.settings.randomization)),
+                ("sanity: deletion", self.command("sanity", "deletion", out, *self.settings.deletion)),
+                ("false-positive filter", self.fpfilter),
+                ("report", self.command("report", out))]
+
+    @staticmethod
+    def command(*args: str) -> Callable[[], None]:
+        """A stage that runs an nnxai command exactly as a user would type it."""
+        def run() -> None:
+            from nnxai.cli import main
+
+            click.echo(f"$ nnxai {' '.join(args)}")
+            main(list(args), standalone_mode=False)
+        return run
 
     def run(self) -> None:
         self.markers.mkdir(parents=True, exist_ok=True)
@@ -112,23 +145,46 @@ class Demo:
         validation = cases[::5]
         write_splits(self.dataset.name, [{"train": [c for c in cases if c not in validation], "val": validation}])
 
-    def train(self) -> None:
-        self.nnunet("nnUNetv2_train", str(DATASET_ID), CONFIGURATION, FOLD, "-tr", TRAINER, "-p", PLANS,
+    def train(self, trainer: str = TRAINER) -> None:
+        self.nnunet("nnUNetv2_train", str(DATASET_ID), CONFIGURATION, FOLD, "-tr", trainer, "-p", PLANS,
                     "-device", self.settings.device, NNXAI_EPOCHS=str(self.settings.epochs),
                     NNXAI_ITERATIONS=str(self.settings.iterations))
 
-    def predict(self) -> None:
+    def predict(self, trainer: str = TRAINER) -> None:
         """nnU-Net's own prediction of the test cases (no mirroring, like the demo's explanations)."""
-        self.nnunet("nnUNetv2_predict", "-i", str(self.dataset / "imagesTs"), "-o", str(self.predictions),
-                    "-d", str(DATASET_ID), "-c", CONFIGURATION, "-tr", TRAINER, "-p", PLANS, "-f", FOLD,
+        self.nnunet("nnUNetv2_predict", "-i", str(self.dataset / "imagesTs"), "-o", str(self.predictions / trainer),
+                    "-d", str(DATASET_ID), "-c", CONFIGURATION, "-tr", trainer, "-p", PLANS, "-f", FOLD,
                     "-device", self.settings.device, "-npp", "1", "-nps", "1", "--disable_tta")
 
     def evaluate(self) -> None:
         from nnxai.evaluation import evaluate_folders, write_evaluation
 
-        evaluation = evaluate_folders(self.dataset / "labelsTs", self.predictions)
+        evaluation = evaluate_folders(self.dataset / "labelsTs", self.predictions / TRAINER)
         write_evaluation(evaluation, self.out / "evaluation.csv")
         click.echo(evaluation.overall.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+    def train_baseline(self) -> None:
+        """nnU-Net's default loss on the same short schedule, the baseline of the comparison."""
+        self.train(BASELINE_TRAINER)
+        self.predict(BASELINE_TRAINER)
+
+    def compare(self) -> None:
+        self.command("compare", "--gt", str(self.dataset / "labelsTs"), "-o", str(self.out / "comparison"),
+                     f"nnUNetTrainer={self.predictions / BASELINE_TRAINER}", f"WML={self.predictions / TRAINER}",
+                     "--bootstrap", "1000")()
+        click.echo((self.out / "comparison" / "comparison.md").read_text())
+
+    def fpfilter(self) -> None:
+        """Train the saliency-based FP filter (grouped CV) and apply it to the explained cases."""
+        model_file = self.out / "fpfilter" / "filter.joblib"
+        model_file.parent.mkdir(exist_ok=True)
+        try:
+            self.command("fpfilter", "train", str(self.explained), "-o", str(model_file), "--folds", "2")()
+        except click.ClickException as error:  # e.g. a small cohort with only TP or only FP lesions
+            click.echo(f"false-positive filter not trained: {error.format_message()}")
+            return
+        self.command("fpfilter", "apply", str(model_file), str(self.explained), "-o",
+                     str(self.out / "fpfilter" / "filtered"), "--overwrite")()
 
     def explain(self) -> None:
         from nnxai.explain import ExplainSettings, explain_cohort
@@ -136,7 +192,10 @@ class Demo:
 
         model = load_model(model_folder(str(DATASET_ID), CONFIGURATION, TRAINER, PLANS), [FOLD])
         cases = self.explain_images()
-        settings = ExplainSettings(samples=self.settings.samples, use_mirroring=False)
+        # the study's post-processing (components of <= 5 voxels dropped) keeps a short-trained model's
+        # scattered single-voxel false positives out of the explanations
+        settings = ExplainSettings(methods=("smoothgrad", "gradcampp"), samples=self.settings.samples,
+                                   use_mirroring=False, min_size=6)
         result = explain_cohort(model, cases, self.explained, settings, self.dataset / "labelsTs",
                                 device=self.settings.device)
         if result.failed:

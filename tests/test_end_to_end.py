@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from nnxai.demo import Demo, DemoSettings
+from nnxai.demo import TRAINER, Demo, DemoSettings
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ def test_nnunet_prediction_has_the_input_geometry(demo):
     for image_file in sorted((demo.dataset / "imagesTs").glob("*_0000.nii.gz")):
         case = image_file.name.removesuffix("_0000.nii.gz")
         image = sitk.ReadImage(str(image_file))
-        prediction = sitk.ReadImage(str(demo.predictions / f"{case}.nii.gz"))
+        prediction = sitk.ReadImage(str(demo.predictions / TRAINER / f"{case}.nii.gz"))
         assert prediction.GetSize() == image.GetSize()
         assert np.allclose(prediction.GetSpacing(), image.GetSpacing())
         assert np.allclose(prediction.GetOrigin(), image.GetOrigin())
@@ -31,7 +31,7 @@ def test_explained_segmentation_equals_nnunet_predict_of_the_trained_model(demo)
     cases = [p.parent.name for p in demo.explained.glob("*/instances.csv")]
     assert cases
     for case in cases:
-        theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(demo.predictions / f"{case}.nii.gz"))) > 0
+        theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(demo.predictions / TRAINER / f"{case}.nii.gz"))) > 0
         ours = sitk.GetArrayFromImage(sitk.ReadImage(str(demo.explained / case / "prediction.nii.gz"))) > 0
         if theirs.sum() + ours.sum():
             assert 2 * (theirs & ours).sum() / (theirs.sum() + ours.sum()) >= 0.999
@@ -49,3 +49,10 @@ def test_every_lesion_is_explained_with_its_group(demo):
 def test_rerun_resumes_after_the_last_finished_stage(demo, capsys):
     demo.run()
     assert capsys.readouterr().out.count("done earlier, skipped") == len(demo.stages)
+
+
+def test_analyses_and_report_are_written(demo):
+    for name in ["rings.csv", "stats.csv", "experiments/synthetic.csv", "experiments/context.csv",
+                 "sanity/randomization.csv", "sanity/deletion.csv", "report/report.html"]:
+        assert (demo.explained / name).is_file(), name
+    assert (demo.out / "comparison" / "comparison.md").is_file()
