@@ -31,6 +31,7 @@ BACKWARD_MODES = ("auto", "loop", "batched")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FP16_GRADIENT_SCALE = 2.0 ** 10  # keeps small fp16 gradients from underflowing; divided out afterwards
 CALIBRATION_TARGETS = 2  # "auto" times both backward modes on this many targets (a batch costs a graph per target)
+BATCHED_MARGIN = 0.9  # "auto" batches only if that took at most this share of the loop's time: it costs memory
 
 
 class GradientError(RuntimeError):
@@ -67,8 +68,9 @@ class GradientEngine:
     """Runs batches of backward passes through one tile's graph.
 
     `backward`: "loop" (one backward per target, sharing the tile's forward pass), "batched" (one vmapped
-    backward per batch, `is_grads_batched`), or "auto" (time both on the first batch of the run and keep
-    the faster; on a 2-core CPU the loop wins, on GPUs batching usually does). `max_batch` bounds the
+    backward per batch, `is_grads_batched`), or "auto" (time both on the first batch of the run; batch only
+    if that is at least 10 % faster, as it holds a graph of gradients per target; on a 2-core CPU the loop
+    wins, on GPUs batching usually does). `max_batch` bounds the
     targets per batch; `memory_budget_mb` lowers it further from the measured size of one tile's graph.
     `amp`: None (float32), "bf16" or "fp16" autocast of the forward pass (fp16 gradients are scaled).
     """
@@ -146,7 +148,7 @@ class GradientEngine:
                 self.timings[mode] = time.perf_counter() - start
             except RuntimeError:  # an operation without a batching rule: the loop always works
                 self.timings[mode] = math.inf
-        self.chosen = "batched" if self.timings["batched"] < self.timings["loop"] else "loop"
+        self.chosen = "batched" if self.timings["batched"] <= BATCHED_MARGIN * self.timings["loop"] else "loop"
         if len(rest):
             remaining = (_batched if self.chosen == "batched" else _loop)(outputs, inputs, rest)
             result = [torch.cat([done, more]) for done, more in zip(result, remaining)]

@@ -87,7 +87,8 @@ def test_auto_backward_measures_both_and_keeps_the_faster():
     auto = smoothgrad_maps(window, data, masks, Sampling(1), noise=0.0, engine=engine)
     loop = smoothgrad_maps(window, data, masks, Sampling(1), noise=0.0, engine=GradientEngine("loop"))
     assert set(engine.timings) == {"loop", "batched"}
-    assert engine.chosen == min(engine.timings, key=engine.timings.get)
+    batched_pays = engine.timings["batched"] <= 0.9 * engine.timings["loop"]
+    assert engine.chosen == ("batched" if batched_pays else "loop")
     for instance_id in masks:
         np.testing.assert_allclose(auto[instance_id].map, loop[instance_id].map, rtol=1e-5, atol=1e-8)
 
