@@ -38,7 +38,8 @@ class ExplainOutput:
 
     @property
     def method(self) -> str:
-        return self.record.get("settings", {}).get("method", "smoothgrad")
+        settings = self.record.get("settings", {})
+        return settings.get("methods", [settings.get("method", "smoothgrad")])[0]
 
     @property
     def experiments(self) -> Path:
