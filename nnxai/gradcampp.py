@@ -197,12 +197,6 @@ def _layer_grid(window: SlidingWindow, layout: TileLayout, stride: tuple[int, ..
     return _LayerGrid(shape, unpadded, places, [gaussian / normalizer[place] for place in places])
 
 
-def _flips(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
-    """The mirrorings nnU-Net's TTA averages over (no flip first), as spatial axes of a (C, *spatial) tile."""
-    axes = [axis + 1 for axis in mirror_axes]
-    return [()] + [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
-
-
 def instance_gradcampp(
     window: SlidingWindow,
     data: torch.Tensor,
@@ -319,7 +313,7 @@ def _tile_activations_and_gradients(window: SlidingWindow, network: nn.Module, p
                                     engine: GradientEngine) -> tuple[torch.Tensor, torch.Tensor | list]:
     """One tile through one network (all its mirrorings): the hooked layer's activations averaged over flips,
     and for each mask the gradient of its share of the target with respect to them, summed over flips."""
-    flips = _flips(window.mirror_axes)
+    flips = window.tile_flips
     tile_input = padded[(slice(None), *tile)].detach().requires_grad_(bool(masks))
     with torch.set_grad_enabled(bool(masks)), engine.autocast(window.device):
         logits = sum(_flip(network(_flip(tile_input, axes)[None])[0], axes) for axes in flips) / len(flips)

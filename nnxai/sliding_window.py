@@ -81,19 +81,23 @@ class SlidingWindow:
         """Zero-pad a (C, *spatial) volume to at least the patch size, centred, as nnU-Net does."""
         return pad_nd_image(data, self.patch_size, "constant", {"value": 0}, False)
 
+    @property
+    def tile_flips(self) -> list[tuple[int, ...]]:
+        """The mirrorings TTA averages over (no flip first), as axes of a (C, *patch) tile or its logits."""
+        axes = [axis + 1 for axis in self.mirror_axes]
+        return [()] + [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
+
     def predict_tile(self, tile_input: torch.Tensor) -> torch.Tensor:
         """Logits (K, *patch) of one (C, *patch) tile: mean over folds and over all mirrorings."""
-        batch = tile_input[None]
-        spatial_axes = [axis + 2 for axis in self.mirror_axes]
-        flips = [()] + [c for n in range(1, len(spatial_axes) + 1) for c in itertools.combinations(spatial_axes, n)]
+        flips = self.tile_flips
         total = None
         for network in self.networks:
             for axes in flips:
-                flipped = torch.flip(batch, axes) if axes else batch
-                out = network(flipped)
+                flipped = torch.flip(tile_input, axes) if axes else tile_input
+                out = network(flipped[None])[0]
                 out = torch.flip(out, axes) if axes else out
                 total = out if total is None else total + out
-        return total[0] / (len(self.networks) * len(flips))
+        return total / (len(self.networks) * len(flips))
 
     def blended_tiles(self, padded: torch.Tensor, layout: TileLayout,
                       tiles: Sequence[Slices] | None = None) -> Iterator[tuple[Slices, torch.Tensor]]:
