@@ -124,7 +124,11 @@ def preprocess_copy(model: LoadedModel, images: np.ndarray, properties: dict) ->
 
 def predict(model: LoadedModel, window: SlidingWindow, images: np.ndarray, properties: dict,
             settings: ExplainSettings) -> Prediction:
-    """Preprocess read images (left unchanged) and predict them exactly as `nnxai explain` does."""
+    """Preprocess read images (left unchanged) and predict them through the explained (float32) sliding window.
+
+    Experiments compare this prediction with tile-subset ones (`predict_near`), which it equals exactly; it agrees
+    with nnU-Net's own float16-accumulated prediction, which `nnxai explain` exports, to that precision.
+    """
     data, properties = preprocess_copy(model, images, properties)
     with torch.no_grad():
         logits = window.logits(data)

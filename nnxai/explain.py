@@ -222,8 +222,7 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
     window = model.sliding_window(settings.step_size, settings.use_mirroring, device)
     engine = engine or GradientEngine(amp=settings.amp)
     tensor = torch.from_numpy(data)
-    with torch.no_grad():
-        logits = window.logits(tensor)
+    logits = model.nnunet_logits(tensor, settings.step_size, settings.use_mirroring, device)
     probability = probabilities_in_original_space(model, logits, properties)[settings.lesion_label]
     prediction = probability > settings.threshold
     ground_truth = None if gt_file is None else read_ground_truth(model, gt_file, properties, settings.lesion_label)
@@ -252,11 +251,12 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
         row = _base_row(case, instance, probability, properties, network_mask)
         if smoothgrad is not None:
             result = smoothgrad[instance.instance_id]
-            original = to_original_space(model, result.map, properties)
+            full = result.map
+            original = to_original_space(model, full, properties)
             for channel, name in enumerate(model.channel_names):
                 write_volume(original[channel], staging / "smoothgrad" / f"{instance.instance_id:03d}_{name}.nii.gz",
                              properties)
-            row = _instance_row(case, instance, probability, properties, network_mask, result.map,
+            row = _instance_row(case, instance, probability, properties, network_mask, full,
                                 model.channel_names, "smoothgrad")
             row.update(smoothgrad_samples=result.samples, smoothgrad_rel_std_error=result.relative_standard_error)
         if cams is not None:

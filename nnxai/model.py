@@ -1,6 +1,7 @@
 """Loading a trained nnU-Net v2 model (one or several folds) the way `nnUNetv2_predict` does, but safely."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -54,6 +55,22 @@ class LoadedModel:
         networks = [network.to(device) for network in self.networks]
         return SlidingWindow(networks, self.configuration_manager.patch_size, step_size,
                              self.mirror_axes if use_mirroring else None, device=device)
+
+    def nnunet_logits(self, data: torch.Tensor, step_size: float = 0.5, use_mirroring: bool = True,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+        """Logits (K, *spatial) of a preprocessed volume from nnU-Net's own predictor: its float16 accumulation,
+        CUDA autocast and fold averaging, so segmentations equal `nnUNetv2_predict`'s voxel for voxel."""
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        device = torch.device(device)
+        predictor = nnUNetPredictor(tile_step_size=step_size, use_mirroring=use_mirroring,
+                                    perform_everything_on_device=device.type == "cuda", device=device,
+                                    allow_tqdm=False)
+        # nnU-Net loads each fold's weights into one network: give it a copy so ours keep theirs.
+        predictor.manual_initialization(copy.deepcopy(self.networks[0]).to(device), self.plans_manager,
+                                        self.configuration_manager, [n.state_dict() for n in self.networks],
+                                        self.dataset_json, self.trainer_name, self.mirror_axes)
+        return predictor.predict_logits_from_preprocessed_data(data).float()
 
     def describe(self) -> dict:
         """What identifies this model in a run record."""
