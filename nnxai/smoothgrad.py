@@ -249,12 +249,25 @@ class RunningMean:
 
 @dataclass
 class SaliencyMap:
-    """One instance's map (C, *spatial) in network space, the samples it used and its relative standard error
-    (auto sampling only; NaN with a fixed number of samples, which holds no variance map)."""
+    """One instance's map in network space, the samples it used and its relative standard error (auto sampling
+    only; NaN with a fixed number of samples, which holds no variance map).
 
-    map: np.ndarray
+    Only the box of the tiles the instance touches can hold gradient, so only that box is kept (`local`, at
+    `region` of a volume of `shape`): a cohort's many maps cost memory by their support, not by the volume.
+    """
+
+    local: np.ndarray
+    region: Slices
+    shape: tuple[int, ...]
     samples: int
     relative_standard_error: float
+
+    @property
+    def map(self) -> np.ndarray:
+        """The whole (C, *spatial) map, zero outside the box."""
+        full = np.zeros((self.local.shape[0], *self.shape), dtype=self.local.dtype)
+        full[(slice(None), *self.region)] = self.local
+        return full
 
 
 @dataclass
@@ -353,8 +366,7 @@ def smoothgrad_maps(
                 active = [w for w in active
                           if w.running.count < sampling.min_samples or not w.running.converged(sampling.tol)]
             bar.update()
-    return {instance_id: SaliencyMap(_unpadded_map(w, layout), w.running.count, w.running.relative_standard_error())
-            for instance_id, w in work.items()}
+    return {instance_id: _saliency_map(work.pop(instance_id), layout) for instance_id in list(work)}
 
 
 def _prepare_instances(window: SlidingWindow, layout: TileLayout, masks: Mapping[int, np.ndarray],
@@ -498,9 +510,11 @@ def _keep_largest_magnitude(batch: Sequence, buffer: torch.Tensor, region: Slice
         target[larger] = candidate[larger]
 
 
-def _unpadded_map(w: _InstanceWork, layout: TileLayout) -> np.ndarray:
-    """The instance's mean map placed in the unpadded network-space volume."""
-    full = torch.zeros((w.running.shape[0], *layout.padded_shape))
-    if w.tiles:
-        full[(slice(None), *w.region)] = w.running.mean.cpu()
-    return full[(slice(None), *layout.unpad)].numpy()
+def _saliency_map(w: _InstanceWork, layout: TileLayout) -> SaliencyMap:
+    """The instance's mean map on the part of its box inside the unpadded network-space volume."""
+    starts = [max(r.start, u.start) for r, u in zip(w.region, layout.unpad)]
+    region = tuple(slice(start, max(start, min(r.stop, u.stop))) for start, r, u in zip(starts, w.region, layout.unpad))
+    local = w.running.mean[(slice(None), *local_slices(region, w.region))].cpu().numpy().copy()
+    unpadded = tuple(slice(r.start - u.start, r.stop - u.start) for r, u in zip(region, layout.unpad))
+    shape = tuple(u.stop - u.start for u in layout.unpad)
+    return SaliencyMap(local, unpadded, shape, w.running.count, w.running.relative_standard_error())

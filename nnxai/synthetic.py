@@ -324,9 +324,9 @@ def saliency_statistics(window: SlidingWindow, data: torch.Tensor, network_masks
                                noise_generator(settings.seed, stream), settings.lesion_label, settings.aggregation,
                                engine, progress)
         for region, result in maps.items():
-            mask = network_masks[region]
+            mask, full = network_masks[region], result.map
             for channel, name in enumerate(channel_names):
-                statistics[region].update(_statistics(result.map[channel][mask], {
+                statistics[region].update(_statistics(full[channel][mask], {
                     stat: f"smoothgrad_{name}_{stat}" for stat in ("peak_pos", "peak_neg", "mean")}))
             statistics[region].update(smoothgrad_samples=result.samples,
                                       smoothgrad_rel_std_error=result.relative_standard_error)

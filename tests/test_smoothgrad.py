@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nnxai.sliding_window import SlidingWindow
-from nnxai.smoothgrad import instance_smoothgrad, noise_generator, noise_sigma
+from nnxai.smoothgrad import Sampling, instance_smoothgrad, noise_generator, noise_sigma, smoothgrad_maps
 from tests.conftest import tiny_unet
 
 
@@ -34,6 +34,20 @@ def test_zero_noise_equals_plain_gradient_of_sliding_window_target():
         assert maps[instance_id].shape == (2, 18, 14, 11)
         np.testing.assert_allclose(maps[instance_id], expected, rtol=1e-4, atol=1e-6)
         assert np.abs(expected).max() > 0
+
+
+@pytest.mark.parametrize("shape", [(18, 14, 11), (6, 14, 11)])  # the second is padded on its first axis
+def test_only_the_box_of_the_touched_tiles_is_kept(shape):
+    window = SlidingWindow([tiny_unet()], (8, 8, 8))
+    data = torch.randn(2, *shape, generator=torch.Generator().manual_seed(4))
+    mask = np.zeros(shape, bool)
+    mask[1:3, 1:3, 1:3] = True  # in the corner tile only
+    result = smoothgrad_maps(window, data, {1: mask}, Sampling(1), noise=0.0)[1]
+    full = result.map
+    assert full.shape == (2, *shape) and result.local.size < full.size / 2
+    np.testing.assert_allclose(full, whole_volume_gradient(window, data, mask), rtol=1e-4, atol=1e-6)
+    full[(slice(None), *result.region)] = 0
+    assert not full.any()
 
 
 def test_map_does_not_depend_on_other_instances():
