@@ -136,24 +136,8 @@ def predict(model: LoadedModel, window: SlidingWindow, images: np.ndarray, prope
     return Prediction(data, properties, probability, probability > settings.threshold)
 
 
-def tile_subset_logits(window: SlidingWindow, data: torch.Tensor, tiles: list[Slices],
-                       layout: TileLayout | None = None) -> torch.Tensor:
-    """Blended logits (K, *spatial) of `tiles` only: equal to the full prediction wherever every tile covering a
-    voxel is among them (see `exact_region`), partial elsewhere."""
-    if not tiles:
-        raise ValueError("need at least one tile")
-    layout = layout or window.layout(data.shape[1:])
-    padded = window.pad(data.to(window.device))
-    blended = None
-    for tile, weighted in window.blended_tiles(padded, layout, tiles):
-        if blended is None:
-            blended = torch.zeros((weighted.shape[0], *layout.padded_shape), dtype=weighted.dtype, device=window.device)
-        blended[(slice(None), *tile)] += weighted
-    return blended[(slice(None), *layout.unpad)]
-
-
 def exact_region(layout: TileLayout, tiles: list[Slices]) -> np.ndarray:
-    """Unpadded network voxels whose covering tiles are all in `tiles` (where `tile_subset_logits` is exact)."""
+    """Unpadded network voxels whose covering tiles are all in `tiles` (where `SlidingWindow.logits` of them is exact)."""
     covering, chosen = np.zeros(layout.padded_shape, np.int32), np.zeros(layout.padded_shape, np.int32)
     for tile in layout.tiles:
         covering[tile] += 1
@@ -210,7 +194,7 @@ def predict_near(model: LoadedModel, window: SlidingWindow, data: torch.Tensor, 
     while True:
         tiles = tiles_for(model, window, layout, needed, properties)
         with torch.no_grad():
-            logits = tile_subset_logits(window, data, tiles, layout)
+            logits = window.logits(data, tiles, layout)
         probability = probabilities_in_original_space(model, logits, properties)[settings.lesion_label]
         exact = exact_in_input_grid(model, layout, tiles, properties) if len(tiles) < len(layout.tiles) \
             else np.ones(region.shape, dtype=bool)

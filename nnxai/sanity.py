@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -18,11 +18,12 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from nnxai.explain import RUN_RECORD, ExplainSettings, find_cases, write_atomically
-from nnxai.explain_output import GROUP_ORDER, AnalysisInputError, load_explain_output
+from nnxai.explain import ExplainSettings, find_cases, write_atomically
+from nnxai.experiments import ExperimentError, load_run_model, read_explain_run
+from nnxai.explain_output import GROUP_ORDER, load_explain_output
 from nnxai.geometry import preprocess, to_network_space
 from nnxai.gradcampp import instance_gradcampp
-from nnxai.model import LoadedModel, load_model
+from nnxai.model import LoadedModel
 from nnxai.sliding_window import Slices, SlidingWindow
 from nnxai.smoothgrad import GradientEngine, noise_generator, smoothgrad_maps
 
@@ -127,36 +128,20 @@ class ExplainRun:
         return CaseInput(case, torch.from_numpy(data), properties, network_labels)
 
 
-def _known_settings(settings: dict) -> ExplainSettings:
-    names = {f.name for f in fields(ExplainSettings)}
-    return ExplainSettings(**{key: value for key, value in settings.items() if key in names})
-
-
 def load_run(out_dir: Path, images_dir: Path | None = None, trust_checkpoint: bool = False) -> ExplainRun:
     """Reopen an explain output folder: its settings, its model (checked against the recorded hashes) and instances.
 
     The folder is read as the analyses read it (`OUT/run.json`, `OUT/instances.csv`, case names kept as text).
     """
     try:
-        output = load_explain_output(Path(out_dir))
-    except AnalysisInputError as error:
-        raise SanityError(str(error)) from None
-    record_path = output.folder / RUN_RECORD
-    try:
-        recorded_model = output.record["model"]
-        settings = _known_settings(output.record["settings"])
-        images_dir = Path(images_dir or output.record["images"])
-    except (KeyError, TypeError) as error:
-        raise SanityError(f"{record_path}: not an nnxai run record ({type(error).__name__}: {error})") from None
-    model = load_model(recorded_model["folder"], recorded_model["folds"], recorded_model["checkpoint"],
-                       trust_checkpoint)
-    if model.checkpoint_sha256 != recorded_model.get("checkpoint_sha256"):
-        raise SanityError(f"{record_path}: the checkpoints in {recorded_model['folder']} changed since the explain "
-                          "run (sha256 differs); explain again")
+        recorded = read_explain_run(Path(out_dir))
+        model = load_run_model(recorded, trust_checkpoint=trust_checkpoint)
+    except ExperimentError as error:
+        raise SanityError(error.message) from None
+    images_dir = Path(images_dir or recorded.images_dir)
     if not images_dir.is_dir():
         raise SanityError(f"{images_dir}: input folder of the explain run not found (use --images)")
-    instances = output.instances
-    return ExplainRun(out_dir, settings, model, images_dir, instances)
+    return ExplainRun(out_dir, recorded.settings, model, images_dir, load_explain_output(Path(out_dir)).instances)
 
 
 def select_instances(run: ExplainRun, cases: Sequence[str] = (), groups: Sequence[str] = (),
@@ -196,18 +181,9 @@ def instance_logits(window: SlidingWindow, data: torch.Tensor, mask: np.ndarray)
     sliding window at these voxels; the other tiles are skipped.
     """
     layout = window.layout(data.shape[1:])
-    padded = window.pad(data.to(window.device))
     padded_mask = window.pad(torch.as_tensor(np.asarray(mask, dtype=bool))[None].to(window.device))[0]
     tiles = [tile for tile in layout.tiles if bool(padded_mask[tile].any())]
-    region = tuple(slice(min(t[a].start for t in tiles), max(t[a].stop for t in tiles)) for a in range(len(tiles[0])))
-    blended = None
-    for tile, weighted in window.blended_tiles(padded, layout, tiles):
-        if blended is None:
-            shape = [s.stop - s.start for s in region]
-            blended = torch.zeros((weighted.shape[0], *shape), dtype=weighted.dtype, device=window.device)
-        local = tuple(slice(t.start - r.start, t.stop - r.start) for t, r in zip(tile, region))
-        blended[(slice(None), *local)] += weighted
-    return blended[:, padded_mask[region]]
+    return window.logits(data, tiles, layout)[:, torch.as_tensor(np.asarray(mask, dtype=bool), device=window.device)]
 
 
 def write_outputs(folder: Path, outputs: dict[str, pd.DataFrame | Figure | dict]) -> list[Path]:

@@ -105,14 +105,21 @@ class SlidingWindow:
         for tile in layout.tiles if tiles is None else tiles:
             yield tile, self.predict_tile(padded[(slice(None), *tile)]) * layout.tile_weight(tile)
 
-    def logits(self, data: torch.Tensor) -> torch.Tensor:
-        """Blended logits (K, *spatial) of a preprocessed (C, *spatial) volume; differentiable in `data`."""
-        layout = self.layout(data.shape[1:])
+    def logits(self, data: torch.Tensor, tiles: Sequence[Slices] | None = None,
+               layout: TileLayout | None = None) -> torch.Tensor:
+        """Blended logits (K, *spatial) of a preprocessed (C, *spatial) volume; differentiable in `data`.
+
+        With `tiles`, only those are run: the result equals the full prediction wherever every tile covering a
+        voxel is among them and is partial elsewhere.
+        """
+        layout = layout or self.layout(data.shape[1:])
         padded = self.pad(data.to(self.device))
         blended = None
-        for tile, weighted in self.blended_tiles(padded, layout):
+        for tile, weighted in self.blended_tiles(padded, layout, tiles):
             if blended is None:
                 blended = torch.zeros((weighted.shape[0], *layout.padded_shape), dtype=weighted.dtype, device=self.device)
             blended[(slice(None), *tile)] += weighted
+        if blended is None:
+            raise ValueError("need at least one tile")
         return blended[(slice(None), *layout.unpad)]
 

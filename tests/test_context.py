@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from nnxai.cli import main
 from nnxai.context import (COLUMNS, ContextDesign, bootstrap_required_context, lesion_context_curve,
                            required_context, summarize_context)
-from nnxai.experiments import predict, predict_near, tile_subset_logits, tiles_for
+from nnxai.experiments import predict, predict_near, tiles_for
 from nnxai.explain import read_ground_truth
 from nnxai.geometry import probabilities_in_original_space, read_images, to_network_space
 from nnxai.instances import case_instances, label_components
@@ -36,7 +36,7 @@ def test_tile_subset_prediction_equals_full_prediction_on_the_lesion(cohort):
     tiles = tiles_for(model, window, layout, lesion, full.properties)
     assert 0 < len(tiles) < len(layout.tiles)
     with torch.no_grad():
-        logits = tile_subset_logits(window, full.data, tiles, layout)
+        logits = window.logits(full.data, tiles, layout)
     probability = probabilities_in_original_space(model, logits, full.properties)[1]
     assert np.allclose(probability[lesion], full.probability[lesion], atol=1e-6)
     assert not np.allclose(probability, full.probability, atol=1e-3)  # elsewhere the subset is partial

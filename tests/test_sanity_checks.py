@@ -5,7 +5,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from click.testing import CliRunner
 
 from nnxai.cli import main
@@ -16,15 +15,7 @@ from nnxai.model import load_model
 from nnxai.randomization import CASCADING, REFERENCE, randomization_check, randomization_verdicts
 from nnxai.sanity import SanityError, explain_smoothgrad, load_run, select_instances
 from tests.fake_model import write_case, write_model_folder
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run far faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 
 @pytest.fixture(scope="module")

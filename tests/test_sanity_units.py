@@ -14,15 +14,7 @@ from nnxai.randomization import block_name, compare_maps, randomizable_blocks, r
 from nnxai.sanity import SanityError, instance_box, instance_logits, select_instances
 from nnxai.sliding_window import SlidingWindow
 from tests.conftest import tiny_unet
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run far faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 
 def three_stage_unet() -> nn.Module:

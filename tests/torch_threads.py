@@ -1,4 +1,5 @@
-"""An autouse fixture for test modules that run tiny networks: one torch thread while each test runs.
+"""An autouse fixture for test modules that run tiny networks: one torch thread while the module runs
+(its module-scoped fixtures included).
 
 Import it into a test module (`from tests.torch_threads import one_torch_thread`). On the 2 shared cores of
 the CI machine, a tiny network's forward pass took 150 ms with torch's default 2 threads (they spin while
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
