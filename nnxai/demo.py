@@ -37,17 +37,18 @@ class DemoSettings:
     spacing: float = 2.0
     patch_size: tuple[int, int, int] = (32, 32, 32)
     features: tuple[int, ...] = (8, 16, 32, 64)
-    epochs: int = 10
+    epochs: int = 20
     iterations: int = 40
-    samples: int = 10
+    samples: int = 5
     explain_cases: int = 2
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
 
-    synthetic: tuple[str, ...] = ("--sizes", "30,100,300", "--flair-factors", "1.2,1.5", "--samples", "4")
+    synthetic: tuple[str, ...] = ("--sizes", "30,100,300", "--flair-factors", "1.2,1.5", "--samples", "3",
+                                  "--per-volume", "3")
     context: tuple[str, ...] = ("--min-mm3", "60", "--max-mm3", "600", "--max-mm", "20", "--step-mm", "2",
                                 "--groups", "TP")
-    randomization: tuple[str, ...] = ("--max-instances", "3", "--no-independent", "--samples", "2")
-    deletion: tuple[str, ...] = ("--max-instances", "3", "--k", "0:50:10", "--seeds", "2")
+    randomization: tuple[str, ...] = ("--max-instances", "3", "--no-independent", "--samples", "1")
+    deletion: tuple[str, ...] = ("--max-instances", "3", "--k", "0:50:10", "--seeds", "1")
 
     @classmethod
     def fast(cls) -> "DemoSettings":

@@ -1,9 +1,11 @@
 """Loading a trained nnU-Net v2 model (one or several folds) the way `nnUNetv2_predict` does, but safely."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,9 +65,10 @@ class LoadedModel:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         device = torch.device(device)
-        predictor = nnUNetPredictor(tile_step_size=step_size, use_mirroring=use_mirroring,
-                                    perform_everything_on_device=device.type == "cuda", device=device,
-                                    allow_tqdm=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a note on every CPU construction
+            predictor = nnUNetPredictor(tile_step_size=step_size, use_mirroring=use_mirroring,
+                                        perform_everything_on_device=device.type == "cuda", device=device,
+                                        allow_tqdm=False)
         # nnU-Net loads each fold's weights into one network: give it a copy so ours keep theirs.
         predictor.manual_initialization(copy.deepcopy(self.networks[0]).to(device), self.plans_manager,
                                         self.configuration_manager, [n.state_dict() for n in self.networks],

@@ -117,6 +117,22 @@ def test_short_schedules_read_the_environment(plans, monkeypatch):
         make_trainer(nnUNetTrainerWMLShort, plans)
 
 
+def test_short_schedules_learn_fast_and_full_trainers_keep_nnunets_recipe(plans):
+    def optimizer_of(trainer):
+        trainer.network = torch.nn.Conv3d(2, 2, 1)
+        return trainer.configure_optimizers()
+
+    for trainer_class in (nnUNetTrainerWMLShort, nnUNetTrainerShort):
+        trainer = make_trainer(trainer_class, plans)
+        optimizer, scheduler = optimizer_of(trainer)
+        assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["lr"] == 3e-3
+        assert scheduler.max_steps == trainer.num_epochs and trainer.oversample_foreground_percent == 1.0
+    full = make_trainer(nnUNetTrainerWML, plans)
+    optimizer, _ = optimizer_of(full)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 1e-2
+    assert full.oversample_foreground_percent == 0.33
+
+
 @pytest.mark.parametrize("workers_variable, expected_workers", [(None, max(1, os.cpu_count() // 2)), ("3", 3)])
 def test_short_validation_skips_mirroring_and_spawns_few_workers(plans, monkeypatch, workers_variable,
                                                                  expected_workers):

