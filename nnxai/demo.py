@@ -37,17 +37,17 @@ class DemoSettings:
     spacing: float = 2.0
     patch_size: tuple[int, int, int] = (32, 32, 32)
     features: tuple[int, ...] = (8, 16, 32, 64)
-    epochs: int = 20
+    epochs: int = 16
     iterations: int = 40
-    samples: int = 5
+    samples: int = 3
     explain_cases: int = 2
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
 
-    synthetic: tuple[str, ...] = ("--sizes", "30,100,300", "--flair-factors", "1.2,1.5", "--samples", "3",
+    synthetic: tuple[str, ...] = ("--sizes", "30,100,300", "--flair-factors", "1.2,1.5", "--samples", "2",
                                   "--per-volume", "3")
-    context: tuple[str, ...] = ("--min-mm3", "60", "--max-mm3", "600", "--max-mm", "20", "--step-mm", "2",
+    context: tuple[str, ...] = ("--min-mm3", "80", "--max-mm3", "300", "--max-mm", "20", "--step-mm", "4",
                                 "--groups", "TP")
-    randomization: tuple[str, ...] = ("--max-instances", "3", "--no-independent", "--samples", "1")
+    randomization: tuple[str, ...] = ("--max-instances", "2", "--no-independent", "--samples", "1")
     deletion: tuple[str, ...] = ("--max-instances", "3", "--k", "0:50:10", "--seeds", "1")
 
     @classmethod
@@ -186,6 +186,8 @@ class Demo:
             return
         self.command("fpfilter", "apply", str(model_file), str(self.explained), "-o",
                      str(self.out / "fpfilter" / "filtered"), "--overwrite")()
+        click.echo("note: the demo applies the filter to the cases it was trained on, so its before/after is "
+                   "in-sample; the out-of-fold figures of `fpfilter train` above are the honest estimate")
 
     def explain(self) -> None:
         from nnxai.explain import ExplainSettings, explain_cohort

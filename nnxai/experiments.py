@@ -190,11 +190,11 @@ def predict_near(model: LoadedModel, window: SlidingWindow, data: torch.Tensor, 
     """
     layout = layout or window.layout(data.shape[1:])
     neighbours = ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}[settings.connectivity])
-    needed = region
+    needed, cache = region, {}  # each round adds tiles; the ones predicted before are reused
     while True:
         tiles = tiles_for(model, window, layout, needed, properties)
         with torch.no_grad():
-            logits = window.logits(data, tiles, layout)
+            logits = window.logits(data, tiles, layout, cache)
         probability = probabilities_in_original_space(model, logits, properties)[settings.lesion_label]
         exact = exact_in_input_grid(model, layout, tiles, properties) if len(tiles) < len(layout.tiles) \
             else np.ones(region.shape, dtype=bool)

@@ -11,7 +11,7 @@ import platform
 import shutil
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -27,12 +27,14 @@ from nnxai.geometry import (preprocess_array, probabilities_in_original_space, r
                             voxel_volume_mm3, world_coordinates, write_volume)
 from nnxai.instances import LesionInstance, case_instances
 from nnxai.model import LoadedModel
-from nnxai.smoothgrad import (AGGREGATIONS, AMP_DTYPES, GradientEngine, GradientError, Sampling, noise_generator,
-                              smoothgrad_maps)
+from nnxai.sliding_window import SlidingWindow
+from nnxai.smoothgrad import (AGGREGATIONS, AMP_DTYPES, GradientEngine, GradientError, Sampling, iter_smoothgrad_maps,
+                              noise_generator)
 
 METHODS = ("smoothgrad", "gradcampp")
 CASE_TABLE = "instances.csv"
 RUN_RECORD = "run.json"
+DEFAULT_MAX_MAPS = 8  # SmoothGrad maps held at once; see iter_smoothgrad_maps
 
 
 class CaseError(Exception):
@@ -80,9 +82,10 @@ class ComputeOptions:
     backward: str = "auto"
     max_batch: int = 16
     memory_budget_mb: float | None = None
+    max_maps: int | None = DEFAULT_MAX_MAPS
 
     def engine(self, amp: str | None) -> GradientEngine:
-        return GradientEngine(self.backward, self.max_batch, amp, self.memory_budget_mb)
+        return GradientEngine(self.backward, self.max_batch, amp, self.memory_budget_mb, self.max_maps)
 
 
 @dataclass
@@ -165,7 +168,8 @@ def read_ground_truth(model: LoadedModel, gt_file: Path, properties: dict, lesio
     return labels == lesion_label
 
 
-def _network_masks(model: LoadedModel, instances: list[LesionInstance], properties: dict) -> dict[int, np.ndarray]:
+def instance_network_masks(model: LoadedModel, instances: list[LesionInstance],
+                           properties: dict) -> dict[int, np.ndarray]:
     """Each instance's mask in network space, mapped together in as few label volumes as overlaps allow.
 
     Predicted instances never overlap each other, nor FN lesions each other; with the IoU rule an FN
@@ -185,7 +189,7 @@ def _network_masks(model: LoadedModel, instances: list[LesionInstance], properti
     return masks
 
 
-def _base_row(case: str, instance: LesionInstance, probability: np.ndarray, properties: dict,
+def instance_row(case: str, instance: LesionInstance, probability: np.ndarray, properties: dict,
               network_mask: np.ndarray) -> dict:
     voxels = int(instance.mask.sum())
     centroid = world_coordinates(properties, np.argwhere(instance.mask).mean(axis=0))
@@ -202,14 +206,31 @@ def _statistics(values: np.ndarray, columns: dict[str, str]) -> dict[str, float]
     return {column: np.nan if values.size == 0 else float(functions[stat](values)) for stat, column in columns.items()}
 
 
-def _instance_row(case: str, instance: LesionInstance, probability: np.ndarray, properties: dict,
-                  network_mask: np.ndarray, maps: np.ndarray, channel_names: list[str], method: str) -> dict:
-    """An instance's table row with the peak positive, peak negative and mean of each channel's map inside it."""
-    row = _base_row(case, instance, probability, properties, network_mask)
-    for channel, name in enumerate(channel_names):
-        row.update(_statistics(maps[channel][network_mask],
-                               {stat: f"{method}_{name}_{stat}" for stat in ("peak_pos", "peak_neg", "mean")}))
-    return row
+def instance_maps(window: SlidingWindow, data: torch.Tensor, network_masks: dict[int, np.ndarray],
+                  channel_names: list[str], settings: ExplainSettings, stream: str, engine: GradientEngine,
+                  progress: bool = False) -> Iterator[tuple[str, int, np.ndarray, dict[str, float]]]:
+    """The run's maps, instance by instance, as (method, instance id, network-space map (channels, *spatial),
+    its columns of instances.csv): SmoothGrad `engine.max_maps` instances at a time, so the caller can write
+    and drop each map, then Grad-CAM++. Statistics are taken in network space, where every case shares one
+    spacing; `stream` names the noise stream (the case)."""
+    if "smoothgrad" in settings.methods:
+        for instance_id, result in iter_smoothgrad_maps(window, data, network_masks, settings.sampling(),
+                                                        settings.noise, noise_generator(settings.seed, stream),
+                                                        settings.lesion_label, settings.aggregation, engine, progress):
+            full, mask = result.map, network_masks[instance_id]
+            columns = {}
+            for channel, name in enumerate(channel_names):
+                columns.update(_statistics(full[channel][mask], {
+                    stat: f"smoothgrad_{name}_{stat}" for stat in ("peak_pos", "peak_neg", "mean")}))
+            columns.update(smoothgrad_samples=result.samples, smoothgrad_rel_std_error=result.relative_standard_error)
+            yield "smoothgrad", instance_id, full, columns
+    if "gradcampp" in settings.methods:
+        cams = instance_gradcampp(window, data, network_masks, settings.layer, settings.gradcampp_variant,
+                                  settings.normalize, settings.lesion_label, engine, progress)
+        for instance_id in list(cams):
+            cam = cams.pop(instance_id)
+            yield "gradcampp", instance_id, cam[None], _statistics(cam[network_masks[instance_id]],
+                                                                   {"peak": "gradcampp_peak", "mean": "gradcampp_mean"})
 
 
 def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path, settings: ExplainSettings,
@@ -228,44 +249,28 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
     ground_truth = None if gt_file is None else read_ground_truth(model, gt_file, properties, settings.lesion_label)
     instances = case_instances(prediction, ground_truth, settings.connectivity, settings.min_size, settings.rule,
                                settings.iou_threshold)
-    network_masks = _network_masks(model, instances, properties) if instances else {}
-    smoothgrad = cams = None
-    if "smoothgrad" in settings.methods:
-        smoothgrad = smoothgrad_maps(window, tensor, network_masks, settings.sampling(), settings.noise,
-                                     noise_generator(settings.seed, case), settings.lesion_label, settings.aggregation,
-                                     engine, progress)
-    if "gradcampp" in settings.methods:
-        cams = instance_gradcampp(window, tensor, network_masks, settings.layer, settings.gradcampp_variant,
-                                  settings.normalize, settings.lesion_label, engine, progress)
-
+    network_masks = instance_network_masks(model, instances, properties) if instances else {}
     staging = out_dir / f".{case}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    instance_labels = np.zeros(prediction.shape, dtype=np.uint16)
-    for instance in reversed(instances):  # predicted instances win where an FN lesion overlaps them
-        instance_labels[instance.mask] = instance.instance_id
-    write_volume(prediction.astype(np.uint8), staging / "prediction.nii.gz", properties)
-    write_volume(instance_labels, staging / "instances.nii.gz", properties)
-    rows = []
-    for instance in instances:
-        network_mask = network_masks[instance.instance_id]
-        row = _base_row(case, instance, probability, properties, network_mask)
-        if smoothgrad is not None:
-            result = smoothgrad[instance.instance_id]
-            full = result.map
-            original = to_original_space(model, full, properties)
-            for channel, name in enumerate(model.channel_names):
-                write_volume(original[channel], staging / "smoothgrad" / f"{instance.instance_id:03d}_{name}.nii.gz",
-                             properties)
-            row = _instance_row(case, instance, probability, properties, network_mask, full,
-                                model.channel_names, "smoothgrad")
-            row.update(smoothgrad_samples=result.samples, smoothgrad_rel_std_error=result.relative_standard_error)
-        if cams is not None:
-            cam = cams[instance.instance_id]
-            write_volume(to_original_space(model, cam[None], properties)[0],
-                         staging / "gradcampp" / f"{instance.instance_id:03d}.nii.gz", properties)
-            row.update(_statistics(cam[network_mask], {"peak": "gradcampp_peak", "mean": "gradcampp_mean"}))
-        rows.append(row)
-    table = pd.DataFrame(rows, columns=table_columns(model.channel_names, settings.methods))
+    try:
+        instance_labels = np.zeros(prediction.shape, dtype=np.uint16)
+        for instance in reversed(instances):  # predicted instances win where an FN lesion overlaps them
+            instance_labels[instance.mask] = instance.instance_id
+        write_volume(prediction.astype(np.uint8), staging / "prediction.nii.gz", properties)
+        write_volume(instance_labels, staging / "instances.nii.gz", properties)
+        rows = {instance.instance_id: instance_row(case, instance, probability, properties,
+                                                network_masks[instance.instance_id]) for instance in instances}
+        for method, instance_id, network_map, columns in instance_maps(
+                window, tensor, network_masks, model.channel_names, settings, case, engine, progress):
+            names = [f"{instance_id:03d}_{name}" for name in model.channel_names] if method == "smoothgrad" \
+                else [f"{instance_id:03d}"]
+            for volume, name in zip(to_original_space(model, network_map, properties), names):
+                write_volume(volume, staging / method / f"{name}.nii.gz", properties)
+            rows[instance_id].update(columns)
+    except Exception:  # a failed case leaves nothing; a killed run leaves the partial folder for merge to report
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    table = pd.DataFrame(list(rows.values()), columns=table_columns(model.channel_names, settings.methods))
     table.to_csv(staging / CASE_TABLE, index=False)
     _replace_folder(staging, out_dir / case)
     return table

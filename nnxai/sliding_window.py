@@ -99,23 +99,32 @@ class SlidingWindow:
                 total = out if total is None else total + out
         return total / (len(self.networks) * len(flips))
 
-    def blended_tiles(self, padded: torch.Tensor, layout: TileLayout,
-                      tiles: Sequence[Slices] | None = None) -> Iterator[tuple[Slices, torch.Tensor]]:
-        """Yield (tile, weighted tile logits) for the given tiles (default: all), in nnU-Net's order."""
-        for tile in layout.tiles if tiles is None else tiles:
-            yield tile, self.predict_tile(padded[(slice(None), *tile)]) * layout.tile_weight(tile)
+    def blended_tiles(self, padded: torch.Tensor, layout: TileLayout, tiles: Sequence[Slices] | None = None,
+                      cache: dict | None = None) -> Iterator[tuple[Slices, torch.Tensor]]:
+        """Yield (tile, weighted tile logits) for the given tiles (default: all), in nnU-Net's order.
 
-    def logits(self, data: torch.Tensor, tiles: Sequence[Slices] | None = None,
-               layout: TileLayout | None = None) -> torch.Tensor:
+        With `cache` (for one input volume), each tile is predicted once and kept there for later calls.
+        """
+        for tile in layout.tiles if tiles is None else tiles:
+            key = tuple((s.start, s.stop) for s in tile)
+            weighted = None if cache is None else cache.get(key)
+            if weighted is None:
+                weighted = self.predict_tile(padded[(slice(None), *tile)]) * layout.tile_weight(tile)
+                if cache is not None:
+                    cache[key] = weighted
+            yield tile, weighted
+
+    def logits(self, data: torch.Tensor, tiles: Sequence[Slices] | None = None, layout: TileLayout | None = None,
+               cache: dict | None = None) -> torch.Tensor:
         """Blended logits (K, *spatial) of a preprocessed (C, *spatial) volume; differentiable in `data`.
 
         With `tiles`, only those are run: the result equals the full prediction wherever every tile covering a
-        voxel is among them and is partial elsewhere.
+        voxel is among them and is partial elsewhere. `cache`: see `blended_tiles`.
         """
         layout = layout or self.layout(data.shape[1:])
         padded = self.pad(data.to(self.device))
         blended = None
-        for tile, weighted in self.blended_tiles(padded, layout, tiles):
+        for tile, weighted in self.blended_tiles(padded, layout, tiles, cache):
             if blended is None:
                 blended = torch.zeros((weighted.shape[0], *layout.padded_shape), dtype=weighted.dtype, device=self.device)
             blended[(slice(None), *tile)] += weighted

@@ -73,12 +73,14 @@ class GradientEngine:
     wins, on GPUs batching usually does). `max_batch` bounds the
     targets per batch; `memory_budget_mb` lowers it further from the measured size of one tile's graph.
     `amp`: None (float32), "bf16" or "fp16" autocast of the forward pass (fp16 gradients are scaled).
+    `max_maps`: the most instance maps held at once (None: all); see `iter_smoothgrad_maps`.
     """
 
     backward: str = "loop"
     max_batch: int = 16
     amp: str | None = None
     memory_budget_mb: float | None = None
+    max_maps: int | None = None
     chosen: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -89,6 +91,8 @@ class GradientEngine:
             raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)} or None, got {self.amp!r}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_maps is not None and self.max_maps < 1:
+            raise ValueError(f"max_maps must be >= 1 or None, got {self.max_maps}")
         if self.backward != "auto":
             self.chosen = self.backward
 
@@ -324,15 +328,49 @@ def smoothgrad_maps(
     engine: GradientEngine | None = None,
     progress: bool = False,
 ) -> dict[int, SaliencyMap]:
-    """SmoothGrad map per instance with the samples it used and its relative standard error.
+    """All instances' SmoothGrad maps at once (see `iter_smoothgrad_maps`)."""
+    return dict(iter_smoothgrad_maps(window, data, masks, sampling, noise, generator, lesion_channel, aggregation,
+                                     engine, progress))
+
+
+def iter_smoothgrad_maps(
+    window: SlidingWindow,
+    data: torch.Tensor,
+    masks: Mapping[int, np.ndarray],
+    sampling: Sampling = Sampling(),
+    noise: float = 0.05,
+    generator: torch.Generator | None = None,
+    lesion_channel: int = 1,
+    aggregation: str = "mean",
+    engine: GradientEngine | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[int, SaliencyMap]]:
+    """(instance id, SmoothGrad map with the samples it used and its relative standard error), instance by instance.
 
     Sample n uses the n-th noise draw of `generator` for every instance, so an instance's map (and, with
-    auto sampling, when it stops) depends only on its own mask and the noise stream.
+    auto sampling, when it stops) depends only on its own mask and the noise stream. Instances are explained
+    `engine.max_maps` at a time: a group's maps are yielded (to be written and dropped) before the next group
+    starts, which replays the same noise draws; each further group costs one more forward pass per tile and
+    sample, and memory holds one group's maps instead of all.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     engine = engine or GradientEngine()
     generator = generator or torch.Generator().manual_seed(0)
+    start = generator.get_state()
+    ids = list(masks)
+    size = engine.max_maps or max(len(ids), 1)
+    for first in range(0, len(ids), size):
+        generator.set_state(start)
+        group = {instance_id: masks[instance_id] for instance_id in ids[first:first + size]}
+        yield from _group_maps(window, data, group, sampling, noise, generator, lesion_channel, aggregation, engine,
+                               progress)
+
+
+def _group_maps(window: SlidingWindow, data: torch.Tensor, masks: Mapping[int, np.ndarray], sampling: Sampling,
+                noise: float, generator: torch.Generator, lesion_channel: int, aggregation: str,
+                engine: GradientEngine, progress: bool) -> Iterator[tuple[int, SaliencyMap]]:
+    """The maps of instances sharing every forward pass."""
     layout = window.layout(data.shape[1:])
     auto = sampling.samples is None
     work = _prepare_instances(window, layout, masks, channels=data.shape[0], variance=auto)
@@ -366,7 +404,9 @@ def smoothgrad_maps(
                 active = [w for w in active
                           if w.running.count < sampling.min_samples or not w.running.converged(sampling.tol)]
             bar.update()
-    return {instance_id: _saliency_map(work.pop(instance_id), layout) for instance_id in list(work)}
+    del active
+    for instance_id in list(work):
+        yield instance_id, _saliency_map(work.pop(instance_id), layout)
 
 
 def _prepare_instances(window: SlidingWindow, layout: TileLayout, masks: Mapping[int, np.ndarray],
@@ -432,9 +472,15 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
 
 def _mean_sample(tiles: _Tiles, padded: torch.Tensor, active: Sequence[_InstanceWork],
                  sample_maps: dict[int, torch.Tensor]) -> None:
-    """One sample of mean aggregation: per tile, the gradient of each inside instance's share of its target."""
+    """One sample of mean aggregation: per tile, the gradient of each inside instance's share of its target.
+
+    Looping, targets go one at a time: the tile's forward pass serves them all anyway, and no batch of
+    gradients is held.
+    """
     gradient_bytes = 4 * padded.shape[0] * math.prod(tiles.window.patch_size)
     batch_size = tiles.engine.batch_size(tiles.graph_bytes, bytes_per_target=gradient_bytes)
+    if tiles.engine.chosen == "loop":
+        batch_size = 1
     for tile in tiles.layout.tiles:
         inside = [w for w in active if tile in w.tiles]
         if inside:

@@ -47,15 +47,14 @@ from tqdm import tqdm
 from dataset_conversion.phantom import apply_lesion_contrast, lesion_blob
 from nnxai.experiments import (ExperimentError, ExperimentOutcome, channel_index, experiment_folder,
                                matching_components, predict, predict_near, preprocess_copy, run_cases)
-from nnxai.explain import (CaseError, ExplainSettings, LesionInstance, _base_row, _network_masks, _statistics,
-                           check_channels, read_ground_truth)
+from nnxai.explain import (CaseError, ExplainSettings, LesionInstance, check_channels, instance_maps,
+                           instance_network_masks, instance_row, read_ground_truth)
 from nnxai.explain import table_columns as instance_table_columns
 from nnxai.geometry import read_images, write_volume
-from nnxai.gradcampp import instance_gradcampp
 from nnxai.instances import label_components
 from nnxai.model import LoadedModel
 from nnxai.sliding_window import SlidingWindow
-from nnxai.smoothgrad import GradientEngine, noise_generator, smoothgrad_maps
+from nnxai.smoothgrad import GradientEngine
 
 EXPERIMENT = "synthetic"
 GROUP = "synthetic"
@@ -281,13 +280,13 @@ def synthetic_case(model: LoadedModel, window: SlidingWindow, case: str, files: 
         regions = {lesion.planned.lesion_id: matching_components(components, lesion.mask, settings)
                    for lesion in lesions}
         instances = [LesionInstance(i, GROUP, region) for i, (_, region) in regions.items()]
-        network_masks = _network_masks(model, instances, volume_properties)
+        network_masks = instance_network_masks(model, instances, volume_properties)
         saliency = saliency_statistics(window, data, network_masks, channels, settings,
                                        f"{case}/{EXPERIMENT}/{volume_id}", progress)
         for lesion in lesions:
             lesion_id = lesion.planned.lesion_id
             detected, region = regions[lesion_id]
-            row = _base_row(case, LesionInstance(lesion_id, GROUP, lesion.mask), prediction.probability,
+            row = instance_row(case, LesionInstance(lesion_id, GROUP, lesion.mask), prediction.probability,
                             volume_properties, network_masks[lesion_id])
             row.pop("instance_id")
             rows.append({**row, **saliency[lesion_id], "lesion_id": lesion_id, "volume_id": volume_id,
@@ -317,25 +316,10 @@ def saliency_statistics(window: SlidingWindow, data: torch.Tensor, network_masks
     columns = table_columns(channel_names, settings.methods)[len(table_columns(channel_names, ())):]
     if settings.samples == 0:
         return {region: dict.fromkeys(columns, np.nan) for region in network_masks}
-    engine = GradientEngine(amp=settings.amp)
     statistics: dict[int, dict[str, float]] = {region: {} for region in network_masks}
-    if "smoothgrad" in settings.methods:
-        maps = smoothgrad_maps(window, data, network_masks, settings.sampling(), settings.noise,
-                               noise_generator(settings.seed, stream), settings.lesion_label, settings.aggregation,
-                               engine, progress)
-        for region, result in maps.items():
-            mask, full = network_masks[region], result.map
-            for channel, name in enumerate(channel_names):
-                statistics[region].update(_statistics(full[channel][mask], {
-                    stat: f"smoothgrad_{name}_{stat}" for stat in ("peak_pos", "peak_neg", "mean")}))
-            statistics[region].update(smoothgrad_samples=result.samples,
-                                      smoothgrad_rel_std_error=result.relative_standard_error)
-    if "gradcampp" in settings.methods:
-        cams = instance_gradcampp(window, data, network_masks, settings.layer, settings.gradcampp_variant,
-                                  settings.normalize, settings.lesion_label, engine, progress)
-        for region, cam in cams.items():
-            statistics[region].update(_statistics(cam[network_masks[region]],
-                                                  {"peak": "gradcampp_peak", "mean": "gradcampp_mean"}))
+    for _, region, _, values in instance_maps(window, data, network_masks, channel_names, settings, stream,
+                                              GradientEngine(amp=settings.amp), progress):
+        statistics[region].update(values)
     return statistics
 
 

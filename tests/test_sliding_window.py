@@ -89,3 +89,20 @@ def test_gradient_matches_finite_differences():
         with torch.no_grad():
             numeric = (target(plus) - target(minus)) / (2 * step)
         assert abs(float(numeric) - float(grad[index])) <= 1e-6 + 1e-5 * abs(float(numeric))
+
+
+def test_cache_predicts_each_tile_once_and_changes_nothing():
+    network = tiny_unet()
+    calls = []
+    network.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    window = SlidingWindow([network], (8, 8, 8))
+    data = torch.randn(2, 20, 12, 9, generator=torch.Generator().manual_seed(4))
+    layout = window.layout(data.shape[1:])
+    cache = {}
+    with torch.no_grad():
+        first = window.logits(data, layout.tiles[:2], layout, cache)
+        assert len(calls) == 2
+        both = window.logits(data, layout.tiles[:3], layout, cache)
+        assert len(calls) == 3  # only the new tile ran
+        torch.testing.assert_close(first, window.logits(data, layout.tiles[:2], layout), rtol=0, atol=0)
+        torch.testing.assert_close(both, window.logits(data, layout.tiles[:3], layout), rtol=0, atol=0)

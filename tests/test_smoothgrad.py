@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nnxai.sliding_window import SlidingWindow
-from nnxai.smoothgrad import Sampling, instance_smoothgrad, noise_generator, noise_sigma, smoothgrad_maps
+from nnxai.smoothgrad import (GradientEngine, Sampling, instance_smoothgrad, iter_smoothgrad_maps, noise_generator,
+                              noise_sigma, smoothgrad_maps)
 from tests.conftest import tiny_unet
 
 
@@ -56,6 +57,23 @@ def test_map_does_not_depend_on_other_instances():
     together = instance_smoothgrad(window, data, masks, samples=3, generator=torch.Generator().manual_seed(5))
     alone = instance_smoothgrad(window, data, {7: masks[7]}, samples=3, generator=torch.Generator().manual_seed(5))
     np.testing.assert_array_equal(together[7], alone[7])
+
+
+@pytest.mark.parametrize("sampling", [Sampling(3), Sampling(None, tol=0.3, min_samples=2, max_samples=6)])
+def test_instances_explained_in_groups_get_the_same_maps(sampling):
+    window = SlidingWindow([tiny_unet()], (8, 8, 8))
+    data, masks = volume_and_masks()
+    masks[4] = np.roll(masks[1], 5, axis=0)
+
+    def explain(max_maps):
+        return iter_smoothgrad_maps(window, data, masks, sampling, 0.1, torch.Generator().manual_seed(5),
+                                    engine=GradientEngine(max_maps=max_maps))
+
+    together, grouped = dict(explain(None)), dict(explain(1))
+    assert list(grouped) == list(together) == [1, 7, 4]
+    for instance_id, result in together.items():
+        np.testing.assert_array_equal(grouped[instance_id].map, result.map)
+        assert grouped[instance_id].samples == result.samples
 
 
 def test_mean_over_samples_with_shared_noise():

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 import torch
 
-from nnxai.explain import METHODS, CaseError, ComputeOptions, ExplainSettings, explain_cohort, prepare_output_folder
+from nnxai.explain import (DEFAULT_MAX_MAPS, METHODS, CaseError, ComputeOptions, ExplainSettings, explain_cohort,
+                           prepare_output_folder)
 from nnxai.gradcampp import VARIANTS
 from nnxai.instances import CONNECTIVITIES, MATCHING_RULES
 from nnxai.model import load_model, model_folder
@@ -91,6 +92,9 @@ def parse_samples(_ctx, _param, value: str) -> int | str:
               help="Most gradient targets (instances, or voxels with --aggregation max) per batch.")
 @click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True),
               help="MB for one tile's graph plus one batch of gradients; lowers --max-batch to fit.")
+@click.option("--max-maps", type=click.IntRange(min=1), default=DEFAULT_MAX_MAPS, show_default=True,
+              help="Most SmoothGrad maps held in memory: instances are explained in groups of this size, each "
+                   "written before the next starts (same maps; one more forward pass per tile and group).")
 @click.option("--noise", type=click.FloatRange(min=0), default=0.05, show_default=True,
               help="Noise sigma as a fraction of the FLAIR range of the network input.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
@@ -107,7 +111,7 @@ def parse_samples(_ctx, _param, value: str) -> int | str:
               help="Allow checkpoints holding arbitrary Python objects (runs their code: trusted sources only).")
 def explain(images, out, model_dir, dataset, configuration, trainer, plans, folds, checkpoint, device, step_size,
             disable_tta, num_parts, part_id, gt_dir, methods, samples, tol, max_samples, aggregation, layer,
-            gradcampp_variant, normalize, amp, backward, max_batch, memory_budget, noise, threshold, min_size,
+            gradcampp_variant, normalize, amp, backward, max_batch, memory_budget, max_maps, noise, threshold, min_size,
             connectivity, rule, iou_threshold, seed, overwrite, trust_checkpoint) -> None:
     """Explain each lesion instance nnU-Net predicts (or misses, with --gt) in every case of -i."""
     if model_dir is None and dataset is None:
@@ -132,7 +136,7 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
                                normalize=normalize, amp=amp, threshold=threshold, min_size=min_size,
                                connectivity=int(connectivity), rule=rule, iou_threshold=iou_threshold, seed=seed,
                                step_size=step_size, use_mirroring=not disable_tta)
-    compute = ComputeOptions(backward, max_batch, memory_budget)
+    compute = ComputeOptions(backward, max_batch, memory_budget, max_maps)
     try:
         result = explain_cohort(model, images, out, settings, gt_dir, num_parts, part_id, overwrite, device,
                                 compute=compute)
