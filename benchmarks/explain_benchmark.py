@@ -52,8 +52,7 @@ from nnxai.instances import label_components
 from nnxai.plans import CPU_FEATURES, CPU_PATCH_SIZE, small_architecture
 from nnxai.sliding_window import SlidingWindow
 from nnxai.explain import DEFAULT_MAX_MAPS
-from nnxai.smoothgrad import (GradientEngine, Sampling, iter_smoothgrad_maps, noise_sigma, saved_graph_bytes,
-                              smoothgrad_maps, tile_forward)
+from nnxai.smoothgrad import GradientEngine, Sampling, noise_sigma, saved_graph_bytes, smoothgrad_maps, tile_forward
 
 PARTS = ("mean", "max", "auto", "amp")
 QUICK_PARTS = ("mean", "max", "amp")  # a few minutes on 2 CPU cores; "auto" draws hundreds of samples
@@ -213,8 +212,8 @@ def captum_mean(window: SlidingWindow, data: torch.Tensor, masks: dict, sigma: f
 
 def ours(window: SlidingWindow, data: torch.Tensor, masks: dict, sampling: Sampling, noise: float, seed: int,
          engine: GradientEngine, aggregation: str = "mean") -> dict:
-    return smoothgrad_maps(window, data, masks, sampling, noise, torch.Generator().manual_seed(seed),
-                           aggregation=aggregation, engine=engine)
+    return dict(smoothgrad_maps(window, data, masks, sampling, noise, torch.Generator().manual_seed(seed),
+                                aggregation=aggregation, engine=engine))
 
 
 def ours_streamed(window: SlidingWindow, data: torch.Tensor, masks: dict, sampling: Sampling, noise: float,
@@ -222,8 +221,8 @@ def ours_streamed(window: SlidingWindow, data: torch.Tensor, masks: dict, sampli
     """Ours as `nnxai explain` runs it: each map is used (here compared with `reference`) and dropped as its
     group finishes; the largest relative difference."""
     largest = 0.0
-    for instance_id, result in iter_smoothgrad_maps(window, data, masks, sampling, noise,
-                                                    torch.Generator().manual_seed(seed), engine=engine):
+    for instance_id, result in smoothgrad_maps(window, data, masks, sampling, noise,
+                                               torch.Generator().manual_seed(seed), engine=engine):
         largest = max(largest, largest_difference({instance_id: result}, {instance_id: reference[instance_id]}))
     return largest
 
@@ -311,8 +310,7 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
     network = network.to(device)
     window = SlidingWindow([network], (patch,) * 3, mirror_axes=(0, 1, 2) if tta else None, device=device)
     layout = window.layout(data.shape[1:])
-    padded_masks = {i: window.pad(torch.as_tensor(m)[None])[0] for i, m in masks.items()}
-    tiles_per_instance = [sum(bool(m[t].any()) for t in layout.tiles) for m in padded_masks.values()]
+    tiles_per_instance = [len(layout.tiles_touching(window.padded_mask(m))) for m in masks.values()]
     sigma = noise_sigma(data, noise)
     with saved_graph_bytes() as graph_bytes:
         tile_forward(window, window.pad(data.to(device)), layout.tiles[0], 1, GradientEngine())

@@ -23,7 +23,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from nnxai.explain import RUN_RECORD, CaseError, ExplainSettings, find_cases, write_atomically
-from nnxai.explain_output import AnalysisInputError, load_explain_output
+from nnxai.explain_output import AnalysisInputError, ExplainOutput, load_explain_output
 from nnxai.geometry import preprocess_array, probabilities_in_original_space, to_network_space, to_original_space
 from nnxai.instances import label_components, match_components
 from nnxai.model import LoadedModel, load_model
@@ -54,9 +54,15 @@ class ExplainRun:
 def read_explain_run(out_dir: Path) -> ExplainRun:
     """The run recorded in `out_dir/run.json` by `nnxai explain`."""
     try:
-        record = load_explain_output(out_dir).record
+        output = load_explain_output(out_dir)
     except AnalysisInputError as error:
         raise ExperimentError(str(error)) from None
+    return recorded_run(output)
+
+
+def recorded_run(output: ExplainOutput) -> ExplainRun:
+    """The run an already opened explain output folder records."""
+    record, out_dir = output.record, output.folder
     known = {f.name for f in fields(ExplainSettings)}
     try:
         settings = ExplainSettings(**{k: v for k, v in record["settings"].items() if k in known})

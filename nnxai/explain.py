@@ -28,13 +28,13 @@ from nnxai.geometry import (preprocess_array, probabilities_in_original_space, r
 from nnxai.instances import LesionInstance, case_instances
 from nnxai.model import LoadedModel
 from nnxai.sliding_window import SlidingWindow
-from nnxai.smoothgrad import (AGGREGATIONS, AMP_DTYPES, GradientEngine, GradientError, Sampling, iter_smoothgrad_maps,
-                              noise_generator)
+from nnxai.smoothgrad import (AGGREGATIONS, AMP_DTYPES, GradientEngine, GradientError, Sampling, noise_generator,
+                              smoothgrad_maps)
 
 METHODS = ("smoothgrad", "gradcampp")
 CASE_TABLE = "instances.csv"
 RUN_RECORD = "run.json"
-DEFAULT_MAX_MAPS = 8  # SmoothGrad maps held at once; see iter_smoothgrad_maps
+DEFAULT_MAX_MAPS = 8  # SmoothGrad maps held at once; see smoothgrad_maps
 
 
 class CaseError(Exception):
@@ -190,7 +190,7 @@ def instance_network_masks(model: LoadedModel, instances: list[LesionInstance],
 
 
 def instance_row(case: str, instance: LesionInstance, probability: np.ndarray, properties: dict,
-              network_mask: np.ndarray) -> dict:
+                 network_mask: np.ndarray) -> dict:
     voxels = int(instance.mask.sum())
     centroid = world_coordinates(properties, np.argwhere(instance.mask).mean(axis=0))
     return {"case": case, "instance_id": instance.instance_id, "group": instance.group, "voxels": voxels,
@@ -214,9 +214,9 @@ def instance_maps(window: SlidingWindow, data: torch.Tensor, network_masks: dict
     and drop each map, then Grad-CAM++. Statistics are taken in network space, where every case shares one
     spacing; `stream` names the noise stream (the case)."""
     if "smoothgrad" in settings.methods:
-        for instance_id, result in iter_smoothgrad_maps(window, data, network_masks, settings.sampling(),
-                                                        settings.noise, noise_generator(settings.seed, stream),
-                                                        settings.lesion_label, settings.aggregation, engine, progress):
+        for instance_id, result in smoothgrad_maps(window, data, network_masks, settings.sampling(),
+                                                   settings.noise, noise_generator(settings.seed, stream),
+                                                   settings.lesion_label, settings.aggregation, engine, progress):
             full, mask = result.map, network_masks[instance_id]
             columns = {}
             for channel, name in enumerate(channel_names):
@@ -259,7 +259,7 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
         write_volume(prediction.astype(np.uint8), staging / "prediction.nii.gz", properties)
         write_volume(instance_labels, staging / "instances.nii.gz", properties)
         rows = {instance.instance_id: instance_row(case, instance, probability, properties,
-                                                network_masks[instance.instance_id]) for instance in instances}
+                                                   network_masks[instance.instance_id]) for instance in instances}
         for method, instance_id, network_map, columns in instance_maps(
                 window, tensor, network_masks, model.channel_names, settings, case, engine, progress):
             names = [f"{instance_id:03d}_{name}" for name in model.channel_names] if method == "smoothgrad" \

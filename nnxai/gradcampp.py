@@ -223,8 +223,7 @@ def instance_gradcampp(
     layout = window.layout(data.shape[1:])
     grid = _layer_grid(window, layout, info.stride)
     padded = window.pad(data.to(window.device))
-    padded_masks = {i: window.pad(torch.as_tensor(np.asarray(m, dtype=bool))[None].to(window.device))[0]
-                    for i, m in masks.items()}
+    padded_masks = {i: window.padded_mask(m) for i, m in masks.items()}
     unpadded_shape = tuple(u.stop - u.start for u in layout.unpad)
     cams = {i: torch.zeros(unpadded_shape, device=window.device) for i in masks}
     regions = {i: bounding_region([place for tile, place in zip(layout.tiles, grid.places) if bool(mask[tile].any())],

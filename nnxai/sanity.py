@@ -19,8 +19,8 @@ import torch
 from matplotlib.figure import Figure
 
 from nnxai.explain import ExplainSettings, find_cases, write_atomically
-from nnxai.experiments import ExperimentError, load_run_model, read_explain_run
-from nnxai.explain_output import GROUP_ORDER, load_explain_output
+from nnxai.experiments import ExperimentError, load_run_model, recorded_run
+from nnxai.explain_output import GROUP_ORDER, AnalysisInputError, load_explain_output
 from nnxai.geometry import preprocess, to_network_space
 from nnxai.gradcampp import instance_gradcampp
 from nnxai.model import LoadedModel
@@ -41,9 +41,9 @@ MapFunction = Callable[[SlidingWindow, torch.Tensor, dict[int, np.ndarray], Expl
 def explain_smoothgrad(window: SlidingWindow, data: torch.Tensor, masks: dict[int, np.ndarray],
                     settings: ExplainSettings, case: str) -> dict[int, np.ndarray]:
     """SmoothGrad maps exactly as `nnxai explain` makes them (same sampling, noise, noise stream and aggregation)."""
-    results = smoothgrad_maps(window, data, masks, settings.sampling(), settings.noise,
-                              noise_generator(settings.seed, case), settings.lesion_label, settings.aggregation,
-                              GradientEngine(amp=settings.amp))
+    results = dict(smoothgrad_maps(window, data, masks, settings.sampling(), settings.noise,
+                                   noise_generator(settings.seed, case), settings.lesion_label, settings.aggregation,
+                                   GradientEngine(amp=settings.amp)))
     return {instance_id: result.map for instance_id, result in results.items()}
 
 
@@ -134,14 +134,18 @@ def load_run(out_dir: Path, images_dir: Path | None = None, trust_checkpoint: bo
     The folder is read as the analyses read it (`OUT/run.json`, `OUT/instances.csv`, case names kept as text).
     """
     try:
-        recorded = read_explain_run(Path(out_dir))
+        output = load_explain_output(Path(out_dir))
+    except AnalysisInputError as error:
+        raise SanityError(str(error)) from None
+    try:
+        recorded = recorded_run(output)
         model = load_run_model(recorded, trust_checkpoint=trust_checkpoint)
     except ExperimentError as error:
         raise SanityError(error.message) from None
     images_dir = Path(images_dir or recorded.images_dir)
     if not images_dir.is_dir():
         raise SanityError(f"{images_dir}: input folder of the explain run not found (use --images)")
-    return ExplainRun(out_dir, recorded.settings, model, images_dir, load_explain_output(Path(out_dir)).instances)
+    return ExplainRun(out_dir, recorded.settings, model, images_dir, output.instances)
 
 
 def select_instances(run: ExplainRun, cases: Sequence[str] = (), groups: Sequence[str] = (),
@@ -181,8 +185,7 @@ def instance_logits(window: SlidingWindow, data: torch.Tensor, mask: np.ndarray)
     sliding window at these voxels; the other tiles are skipped.
     """
     layout = window.layout(data.shape[1:])
-    padded_mask = window.pad(torch.as_tensor(np.asarray(mask, dtype=bool))[None].to(window.device))[0]
-    tiles = [tile for tile in layout.tiles if bool(padded_mask[tile].any())]
+    tiles = layout.tiles_touching(window.padded_mask(mask))
     return window.logits(data, tiles, layout)[:, torch.as_tensor(np.asarray(mask, dtype=bool), device=window.device)]
 
 

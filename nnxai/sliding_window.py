@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
@@ -36,6 +37,10 @@ class TileLayout:
     def tile_weight(self, tile: Slices) -> torch.Tensor:
         """Blending weight of each voxel of `tile` in the final logits."""
         return self.gaussian / self.normalizer[tile]
+
+    def tiles_touching(self, padded_mask: torch.Tensor) -> list[Slices]:
+        """The tiles holding any voxel of a mask on the padded grid (see `SlidingWindow.padded_mask`)."""
+        return [tile for tile in self.tiles if bool(padded_mask[tile].any())]
 
 
 class SlidingWindow:
@@ -80,6 +85,10 @@ class SlidingWindow:
     def pad(self, data: torch.Tensor) -> torch.Tensor:
         """Zero-pad a (C, *spatial) volume to at least the patch size, centred, as nnU-Net does."""
         return pad_nd_image(data, self.patch_size, "constant", {"value": 0}, False)
+
+    def padded_mask(self, mask: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A (*spatial) mask as a boolean tensor on the padded grid, on this window's device."""
+        return self.pad(torch.as_tensor(np.asarray(mask, dtype=bool))[None].to(self.device))[0]
 
     @property
     def tile_flips(self) -> list[tuple[int, ...]]:

@@ -73,7 +73,7 @@ class GradientEngine:
     wins, on GPUs batching usually does). `max_batch` bounds the
     targets per batch; `memory_budget_mb` lowers it further from the measured size of one tile's graph.
     `amp`: None (float32), "bf16" or "fp16" autocast of the forward pass (fp16 gradients are scaled).
-    `max_maps`: the most instance maps held at once (None: all); see `iter_smoothgrad_maps`.
+    `max_maps`: the most instance maps held at once (None: all); see `smoothgrad_maps`.
     """
 
     backward: str = "loop"
@@ -311,29 +311,12 @@ def instance_smoothgrad(
     `masks` maps instance ids to boolean masks in network space. One noise draw per sample serves all
     instances, and each instance's map depends only on its own mask, never on the other instances.
     """
-    results = smoothgrad_maps(window, data, masks, Sampling(samples), noise, generator, lesion_channel,
-                              progress=progress)
+    results = dict(smoothgrad_maps(window, data, masks, Sampling(samples), noise, generator, lesion_channel,
+                                   progress=progress))
     return {instance_id: result.map for instance_id, result in results.items()}
 
 
 def smoothgrad_maps(
-    window: SlidingWindow,
-    data: torch.Tensor,
-    masks: Mapping[int, np.ndarray],
-    sampling: Sampling = Sampling(),
-    noise: float = 0.05,
-    generator: torch.Generator | None = None,
-    lesion_channel: int = 1,
-    aggregation: str = "mean",
-    engine: GradientEngine | None = None,
-    progress: bool = False,
-) -> dict[int, SaliencyMap]:
-    """All instances' SmoothGrad maps at once (see `iter_smoothgrad_maps`)."""
-    return dict(iter_smoothgrad_maps(window, data, masks, sampling, noise, generator, lesion_channel, aggregation,
-                                     engine, progress))
-
-
-def iter_smoothgrad_maps(
     window: SlidingWindow,
     data: torch.Tensor,
     masks: Mapping[int, np.ndarray],
@@ -413,8 +396,8 @@ def _prepare_instances(window: SlidingWindow, layout: TileLayout, masks: Mapping
                        channels: int, variance: bool) -> dict[int, _InstanceWork]:
     work = {}
     for instance_id, mask in masks.items():
-        padded_mask = window.pad(torch.as_tensor(np.asarray(mask, dtype=bool))[None].to(window.device))[0]
-        tiles = [tile for tile in layout.tiles if bool(padded_mask[tile].any())]
+        padded_mask = window.padded_mask(mask)
+        tiles = layout.tiles_touching(padded_mask)
         region = bounding_region(tiles, len(layout.padded_shape))
         shape = [channels, *(s.stop - s.start for s in region)]
         running = RunningMean(shape, window.device, variance)

@@ -287,7 +287,7 @@ def synthetic_case(model: LoadedModel, window: SlidingWindow, case: str, files: 
             lesion_id = lesion.planned.lesion_id
             detected, region = regions[lesion_id]
             row = instance_row(case, LesionInstance(lesion_id, GROUP, lesion.mask), prediction.probability,
-                            volume_properties, network_masks[lesion_id])
+                               volume_properties, network_masks[lesion_id])
             row.pop("instance_id")
             rows.append({**row, **saliency[lesion_id], "lesion_id": lesion_id, "volume_id": volume_id,
                          "size_mm3": lesion.planned.size_mm3,

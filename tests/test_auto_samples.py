@@ -42,7 +42,8 @@ def test_running_mean_and_standard_error_by_hand():
 def test_without_noise_every_instance_stops_at_the_minimum():
     window = SlidingWindow([tiny_unet()], (8, 8, 8))
     data, masks = case()
-    maps = smoothgrad_maps(window, data, masks, Sampling(None, tol=0.01, max_samples=50, min_samples=3), noise=0.0)
+    maps = dict(smoothgrad_maps(window, data, masks, Sampling(None, tol=0.01, max_samples=50, min_samples=3),
+                                noise=0.0))
     for result in maps.values():
         assert result.samples == 3 and result.relative_standard_error == 0.0
 
@@ -51,26 +52,26 @@ def test_auto_map_is_the_fixed_map_with_the_samples_it_used_and_stops_for_each_i
     window = SlidingWindow([tiny_unet()], (8, 8, 8))
     data, masks = case()
     auto = Sampling(None, tol=0.2, max_samples=20, min_samples=3)
-    together = smoothgrad_maps(window, data, masks, auto, noise=0.02, generator=torch.Generator().manual_seed(2))
+    together = dict(smoothgrad_maps(window, data, masks, auto, noise=0.02, generator=torch.Generator().manual_seed(2)))
     used = {i: r.samples for i, r in together.items()}
     assert all(3 <= n < 20 for n in used.values())
     for instance_id, mask in masks.items():
         result = together[instance_id]
         assert result.relative_standard_error <= 0.2
-        fixed = smoothgrad_maps(window, data, {instance_id: mask}, Sampling(used[instance_id]), noise=0.02,
-                                generator=torch.Generator().manual_seed(2))[instance_id]
+        fixed = dict(smoothgrad_maps(window, data, {instance_id: mask}, Sampling(used[instance_id]), noise=0.02,
+                                     generator=torch.Generator().manual_seed(2)))[instance_id]
         np.testing.assert_allclose(result.map, fixed.map, rtol=1e-5, atol=1e-7)
         assert fixed.samples == used[instance_id] and math.isnan(fixed.relative_standard_error)
-        alone = smoothgrad_maps(window, data, {instance_id: mask}, auto, noise=0.02,
-                                generator=torch.Generator().manual_seed(2))[instance_id]
+        alone = dict(smoothgrad_maps(window, data, {instance_id: mask}, auto, noise=0.02,
+                                     generator=torch.Generator().manual_seed(2)))[instance_id]
         assert alone.samples == used[instance_id]
 
 
 def test_auto_sampling_stops_at_the_cap():
     window = SlidingWindow([tiny_unet()], (8, 8, 8))
     data, masks = case()
-    maps = smoothgrad_maps(window, data, {2: masks[2]}, Sampling(None, tol=1e-6, max_samples=4, min_samples=2),
-                           noise=0.2)
+    maps = dict(smoothgrad_maps(window, data, {2: masks[2]}, Sampling(None, tol=1e-6, max_samples=4, min_samples=2),
+                                noise=0.2))
     assert maps[2].samples == 4 and maps[2].relative_standard_error > 1e-6
 
 

@@ -45,8 +45,8 @@ def test_max_aggregation_equals_one_voxel_at_a_time_loop(backward, mirror_axes, 
     window = SlidingWindow([tiny_unet()], (8, 8, 8), mirror_axes=mirror_axes)
     data, masks = small_case()
     engine = GradientEngine(backward=backward, max_batch=3)  # several batches per voxel group
-    maps = smoothgrad_maps(window, data, masks, Sampling(samples), noise=0.1,
-                           generator=torch.Generator().manual_seed(1), aggregation="max", engine=engine)
+    maps = dict(smoothgrad_maps(window, data, masks, Sampling(samples), noise=0.1,
+                                generator=torch.Generator().manual_seed(1), aggregation="max", engine=engine))
     generator = torch.Generator().manual_seed(1)
     sigma = noise_sigma(data, 0.1)
     noisy = [data + torch.randn(data.shape, generator=generator) * sigma for _ in range(samples)]
@@ -63,8 +63,8 @@ def test_max_of_single_voxel_instance_is_its_mean_map():
     data, _ = small_case()
     mask = np.zeros(SHAPE, bool)
     mask[7, 5, 4] = True
-    mean = smoothgrad_maps(window, data, {1: mask}, Sampling(1), noise=0.0, aggregation="mean")[1].map
-    largest = smoothgrad_maps(window, data, {1: mask}, Sampling(1), noise=0.0, aggregation="max")[1].map
+    mean = dict(smoothgrad_maps(window, data, {1: mask}, Sampling(1), noise=0.0, aggregation="mean"))[1].map
+    largest = dict(smoothgrad_maps(window, data, {1: mask}, Sampling(1), noise=0.0, aggregation="max"))[1].map
     np.testing.assert_allclose(largest, mean, rtol=1e-5, atol=1e-8)
 
 
@@ -72,10 +72,10 @@ def test_batched_mean_aggregation_equals_loop():
     window = SlidingWindow([tiny_unet()], (8, 8, 8))
     data, masks = small_case()
     kwargs = dict(sampling=Sampling(1), noise=0.05, aggregation="mean")
-    loop = smoothgrad_maps(window, data, masks, generator=torch.Generator().manual_seed(2),
-                           engine=GradientEngine("loop"), **kwargs)
-    batched = smoothgrad_maps(window, data, masks, generator=torch.Generator().manual_seed(2),
-                              engine=GradientEngine("batched", max_batch=1), **kwargs)
+    loop = dict(smoothgrad_maps(window, data, masks, generator=torch.Generator().manual_seed(2),
+                                engine=GradientEngine("loop"), **kwargs))
+    batched = dict(smoothgrad_maps(window, data, masks, generator=torch.Generator().manual_seed(2),
+                                   engine=GradientEngine("batched", max_batch=1), **kwargs))
     for instance_id in masks:
         np.testing.assert_allclose(batched[instance_id].map, loop[instance_id].map, rtol=1e-5, atol=1e-8)
 
@@ -84,8 +84,8 @@ def test_auto_backward_measures_both_and_keeps_the_faster():
     window = SlidingWindow([tiny_unet()], (8, 8, 8))
     data, masks = small_case()
     engine = GradientEngine("auto")
-    auto = smoothgrad_maps(window, data, masks, Sampling(1), noise=0.0, engine=engine)
-    loop = smoothgrad_maps(window, data, masks, Sampling(1), noise=0.0, engine=GradientEngine("loop"))
+    auto = dict(smoothgrad_maps(window, data, masks, Sampling(1), noise=0.0, engine=engine))
+    loop = dict(smoothgrad_maps(window, data, masks, Sampling(1), noise=0.0, engine=GradientEngine("loop")))
     assert set(engine.timings) == {"loop", "batched"}
     batched_pays = engine.timings["batched"] <= 0.9 * engine.timings["loop"]
     assert engine.chosen == ("batched" if batched_pays else "loop")
@@ -106,7 +106,7 @@ def test_memory_budget_smaller_than_one_tile_is_a_clear_error():
     data, masks = small_case()
     engine = GradientEngine("loop", memory_budget_mb=0.01)
     with pytest.raises(GradientError, match=r"memory budget 0.01 MB is too small for one tile \(.* need about"):
-        smoothgrad_maps(window, data, masks, Sampling(1), noise=0.0, aggregation="max", engine=engine)
+        dict(smoothgrad_maps(window, data, masks, Sampling(1), noise=0.0, aggregation="max", engine=engine))
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -114,8 +114,9 @@ def test_mixed_precision_maps_stay_close_to_float32(amp):
     """Autocast runs on the CPU too, so the AMP code path (and fp16 gradient scaling) is checked here."""
     window = SlidingWindow([tiny_unet()], (8, 8, 8))
     data, masks = small_case()
-    reference = smoothgrad_maps(window, data, {2: masks[2]}, Sampling(1), noise=0.0)[2].map
-    mixed = smoothgrad_maps(window, data, {2: masks[2]}, Sampling(1), noise=0.0, engine=GradientEngine(amp=amp))[2].map
+    reference = dict(smoothgrad_maps(window, data, {2: masks[2]}, Sampling(1), noise=0.0))[2].map
+    mixed = dict(smoothgrad_maps(window, data, {2: masks[2]}, Sampling(1), noise=0.0,
+                                 engine=GradientEngine(amp=amp)))[2].map
     # bf16 keeps 8 mantissa bits, fp16 11: a few percent of the map's norm, never exact
     assert 0 < np.linalg.norm(mixed - reference) < 0.1 * np.linalg.norm(reference)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from nnxai.sliding_window import SlidingWindow
-from nnxai.smoothgrad import (GradientEngine, Sampling, instance_smoothgrad, iter_smoothgrad_maps, noise_generator,
-                              noise_sigma, smoothgrad_maps)
+from nnxai.smoothgrad import (GradientEngine, Sampling, instance_smoothgrad, noise_generator, noise_sigma,
+                              smoothgrad_maps)
 from tests.conftest import tiny_unet
 
 
@@ -43,7 +43,7 @@ def test_only_the_box_of_the_touched_tiles_is_kept(shape):
     data = torch.randn(2, *shape, generator=torch.Generator().manual_seed(4))
     mask = np.zeros(shape, bool)
     mask[1:3, 1:3, 1:3] = True  # in the corner tile only
-    result = smoothgrad_maps(window, data, {1: mask}, Sampling(1), noise=0.0)[1]
+    result = dict(smoothgrad_maps(window, data, {1: mask}, Sampling(1), noise=0.0))[1]
     full = result.map
     assert full.shape == (2, *shape) and result.local.size < full.size / 2
     np.testing.assert_allclose(full, whole_volume_gradient(window, data, mask), rtol=1e-4, atol=1e-6)
@@ -66,8 +66,8 @@ def test_instances_explained_in_groups_get_the_same_maps(sampling):
     masks[4] = np.roll(masks[1], 5, axis=0)
 
     def explain(max_maps):
-        return iter_smoothgrad_maps(window, data, masks, sampling, 0.1, torch.Generator().manual_seed(5),
-                                    engine=GradientEngine(max_maps=max_maps))
+        return smoothgrad_maps(window, data, masks, sampling, 0.1, torch.Generator().manual_seed(5),
+                               engine=GradientEngine(max_maps=max_maps))
 
     together, grouped = dict(explain(None)), dict(explain(1))
     assert list(grouped) == list(together) == [1, 7, 4]
