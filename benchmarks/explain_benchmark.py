@@ -192,7 +192,8 @@ def study_mean(window: SlidingWindow, data: torch.Tensor, masks: dict, sigma: fl
 
 def captum_mean(window: SlidingWindow, data: torch.Tensor, masks: dict, sigma: float, seed: int,
                 samples: int) -> dict[int, np.ndarray]:
-    """(ii) Captum's NoiseTunnel(Saliency) per instance; reseeded per instance so that it draws ours' noise."""
+    """(ii) Captum's NoiseTunnel(Saliency) per instance; reseeded per instance so that it draws ours' noise (on the
+    CPU, where ours draws it: the input stays there and the target moves it to the window's device)."""
     from captum.attr import NoiseTunnel, Saliency
 
     maps = {}
@@ -200,11 +201,11 @@ def captum_mean(window: SlidingWindow, data: torch.Tensor, masks: dict, sigma: f
         mask_tensor = torch.as_tensor(mask, device=window.device)
 
         def target(batch: torch.Tensor) -> torch.Tensor:
-            return torch.stack([(window.logits(x)[1] * mask_tensor).sum() for x in batch])
+            return torch.stack([(window.logits(x.to(window.device))[1] * mask_tensor).sum() for x in batch])
 
         torch.manual_seed(seed)
         attribution = NoiseTunnel(Saliency(target)).attribute(
-            data[None].to(window.device), nt_type="smoothgrad", nt_samples=samples, nt_samples_batch_size=1,
+            data[None], nt_type="smoothgrad", nt_samples=samples, nt_samples_batch_size=1,
             stdevs=sigma, abs=False)
         maps[instance_id] = attribution[0].detach().cpu().numpy()
     return maps
@@ -287,9 +288,10 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
                   convs: int, patch: int, device: str, threads: int, tta: bool, samples: int, noise: float,
                   parts: tuple[str, ...], backward: str, max_voxels: int, auto_instances: int, tol: float,
                   max_samples: int, fixed_samples: int, reference_samples: int, amp: tuple[str, ...],
-                  ours_amp: str | None = None, weights: Path | None = None, max_maps: int | None = DEFAULT_MAX_MAPS
-                  ) -> dict:
+                  ours_amp: str | None = None, weights: Path | None = None, max_maps: int | None = DEFAULT_MAX_MAPS,
+                  tf32: bool = False) -> dict:
     torch.set_num_threads(threads)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     device = torch.device(device)
     if device.type == "cpu":
         map_large_allocations()
@@ -318,13 +320,14 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
         "case": case, "spacing_mm": spacing, "network_shape": list(data.shape[1:]), "instances": len(masks),
         "instance_voxels": sorted(int(m.sum()) for m in masks.values()), "tiles": len(layout.tiles),
         "mean_tiles_per_instance": float(np.mean(tiles_per_instance)), "patch": patch, "features": list(features),
-        "convs_per_stage": convs, "weights": str(weights) if weights else "He initialization", "tta": tta, "device": str(device), "threads": threads, "noise": noise,
+        "convs_per_stage": convs, "weights": str(weights) if weights else "He initialization", "tta": tta,
+        "device": str(device), "tf32": tf32, "threads": threads, "noise": noise,
         "tile_graph_mb": graph_bytes[0] / 2 ** 20, "torch": torch.__version__, "python": platform.python_version(),
         "processor": platform.processor() or platform.machine()}
     report.line(f"{case}: network input {tuple(data.shape[1:])} at {spacing:g} mm, {len(masks)} instances, "
                 f"{len(layout.tiles)} tiles of {patch}^3, {np.mean(tiles_per_instance):.2f} tiles per instance "
                 f"on average; one tile's graph {graph_bytes[0] / 2 ** 20:.0f} MB; {device}, {threads} thread(s), "
-                f"TTA {'on' if tta else 'off'}")
+                f"TTA {'on' if tta else 'off'}, TF32 {'on' if tf32 else 'off'}")
     engine = GradientEngine(backward, max_batch=16, max_maps=max_maps)
     if backward == "auto":  # measured once per run, as `nnxai explain` does, before anything is timed
         first_two = dict(sorted(masks.items(), key=lambda item: item[1].sum())[:2])
@@ -474,10 +477,13 @@ def _integers(text: str) -> tuple[int, ...]:
               help="nnU-Net checkpoint of a network with these --features/--convs (default: untrained).")
 @click.option("--max-maps", default=DEFAULT_MAX_MAPS, show_default=True,
               help="SmoothGrad maps ours holds at once in the mean part, as `nnxai explain --max-maps` (0: all).")
+@click.option("--tf32/--no-tf32", default=False, show_default=True,
+              help="Let CUDA float32 convolutions and matrix products round to TF32 (PyTorch's default for cuDNN; "
+                   "off here so that the maps of different orders of work agree to float32 precision).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the figures as JSON.")
 def main(workdir, case, cases, seed, spacing, instances, features, convs, patch, device, threads, tta, samples, noise, parts,
          backward, max_voxels, auto_instances, tol, max_samples, fixed_samples, reference_samples, amp, ours_amp,
-         weights, max_maps, json_path) -> None:
+         weights, max_maps, tf32, json_path) -> None:
     """Time instance-level SmoothGrad the study's way, with Captum and ours on one phantom case."""
     selected = PARTS if parts == "all" else tuple(p for p in parts.split(",") if p)
     unknown = [p for p in selected if p not in PARTS]
@@ -486,7 +492,7 @@ def main(workdir, case, cases, seed, spacing, instances, features, convs, patch,
     record = run_benchmark(workdir, case, cases, seed, spacing, instances, _integers(features), convs, patch, device, threads,
                            tta, samples, noise, selected, backward, max_voxels, auto_instances, tol, max_samples,
                            fixed_samples, reference_samples, tuple(a for a in amp.split(",") if a), ours_amp,
-                           weights, max_maps or None)
+                           weights, max_maps or None, tf32)
     if json_path:
         json_path.write_text(json.dumps(record, indent=2) + "\n")
 

@@ -34,6 +34,18 @@ CALIBRATION_TARGETS = 2  # "auto" times both backward modes on this many targets
 BATCHED_MARGIN = 0.9  # "auto" batches only if that took at most this share of the loop's time: it costs memory
 
 
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Float32 convolutions in full precision on CUDA: cuDNN's TF32 default moved a tile's input gradient by
+    12 % (relative L2) on an H100 (benchmarks/tile_precision.py). Low-precision autocast runs are unaffected."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+
+
 class GradientError(RuntimeError):
     """Gradients that cannot be computed as asked (memory budget too small, fp16 overflow, ...)."""
 
@@ -97,9 +109,9 @@ class GradientEngine:
             self.chosen = self.backward
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        """Mixed precision for a forward pass, or nothing in float32 mode."""
+        """Mixed precision for a forward pass, or true float32 (no TF32) in float32 mode."""
         if self.amp is None:
-            return contextlib.nullcontext()
+            return exact_float32()
         return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[self.amp])
 
     def batch_size(self, graph_bytes: int, bytes_per_target: int) -> int:
@@ -124,12 +136,13 @@ class GradientEngine:
         """
         scale = FP16_GRADIENT_SCALE if self.amp == "fp16" else 1.0
         grad_outputs = grad_outputs.to(outputs.dtype) * scale if scale != 1.0 else grad_outputs.to(outputs.dtype)
-        if self.chosen is None and len(grad_outputs) > 1:
-            result = self._measure_and_choose(outputs, inputs, grad_outputs)
-        elif self.chosen == "batched":
-            result = _batched(outputs, inputs, grad_outputs)
-        else:
-            result = _loop(outputs, inputs, grad_outputs)
+        with exact_float32():
+            if self.chosen is None and len(grad_outputs) > 1:
+                result = self._measure_and_choose(outputs, inputs, grad_outputs)
+            elif self.chosen == "batched":
+                result = _batched(outputs, inputs, grad_outputs)
+            else:
+                result = _loop(outputs, inputs, grad_outputs)
         if scale != 1.0:
             result = [g / scale for g in result]
             if not all(bool(torch.isfinite(g).all()) for g in result):

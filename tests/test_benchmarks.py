@@ -1,8 +1,9 @@
-"""A fast smoke run of the benchmark script: tiny network, 4 mm phantom, two instances, every comparison."""
+"""Fast smoke runs of the benchmark scripts: tiny networks, a 4 mm phantom, two instances, every comparison."""
 import json
 
 from click.testing import CliRunner
 
+from benchmarks import tile_precision
 from benchmarks.explain_benchmark import main, spread
 from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
@@ -28,3 +29,16 @@ def test_benchmark_runs_every_part_and_its_maps_agree(tmp_path):
 def test_spread_picks_evenly_over_the_order():
     assert spread([1, 2, 3, 4, 5, 6, 7], 3) == [1, 4, 7]
     assert spread([1, 2], 5) == [1, 2] and spread([4, 5, 6], 1) == [4]
+
+
+def test_tile_precision_times_every_variant_against_float32(tmp_path):
+    arguments = ["--features", "4,8", "--convs", "1", "--patch", "16", "--device", "cpu", "--repeats", "1",
+                 "--json", str(tmp_path / "tile.json")]
+    result = CliRunner().invoke(tile_precision.main, arguments)
+    assert result.exit_code == 0, result.output
+    figures = json.loads((tmp_path / "tile.json").read_text())
+    rows = {(row["precision"], row["channels_last"]): row for row in figures["rows"]}
+    assert set(rows) == {(p, c) for p in tile_precision.PRECISIONS for c in (False, True)}
+    assert rows["fp32", False]["gradient_rel_l2"] == 0 and rows["fp32", True]["gradient_rel_l2"] < 1e-5
+    assert 1e-3 < rows["bf16", False]["gradient_rel_l2"] < 1  # autocast did run in low precision
+    assert all(row["forward_s"] > 0 and row["backward_s"] > 0 for row in rows.values())

@@ -109,3 +109,33 @@ def test_instance_outside_every_tile_gets_zero_map():
     data, _ = volume_and_masks()
     maps = instance_smoothgrad(window, data, {3: np.zeros((18, 14, 11), bool)}, samples=1, noise=0.0)
     assert not maps[3].any()
+
+
+class _RecordTF32(torch.autograd.Function):
+    """Identity that records cuDNN's TF32 switch in its forward and its backward pass."""
+
+    seen: list = []
+
+    @staticmethod
+    def forward(ctx, x):
+        _RecordTF32.seen.append(("forward", torch.backends.cudnn.allow_tf32))
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        _RecordTF32.seen.append(("backward", torch.backends.cudnn.allow_tf32))
+        return grad
+
+
+@pytest.mark.parametrize("amp, tf32_in_forward", [(None, False), ("bf16", True)])
+def test_float32_gradients_run_without_tf32(monkeypatch, amp, tf32_in_forward):
+    """Float32 maps are float32 on CUDA: TF32 is off in the forward and backward passes, and restored after."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(_RecordTF32, "seen", [])
+    engine = GradientEngine("loop", amp=amp)
+    x = torch.ones(3, requires_grad=True)
+    with engine.autocast(torch.device("cpu")):
+        y = _RecordTF32.apply(x)
+    engine.gradients(y, [x], torch.eye(3))
+    assert _RecordTF32.seen == [("forward", tf32_in_forward)] + [("backward", False)] * 3
+    assert torch.backends.cudnn.allow_tf32 is True

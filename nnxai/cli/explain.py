@@ -82,8 +82,8 @@ def parse_samples(_ctx, _param, value: str) -> int | str:
 @click.option("--gradcampp-variant", type=click.Choice(VARIANTS), default="monai", show_default=True,
               help="alpha's denominator: sum(A g^3) as MONAI (monai), or sum(A) g^3 as the paper's Eq. 19 (paper).")
 @click.option("--normalize", is_flag=True, help="Min-max scale each Grad-CAM++ map to [0, 1] (default: raw values).")
-@click.option("--amp", type=click.Choice(tuple(AMP_DTYPES)), is_flag=False, flag_value="bf16", default=None,
-              help="Mixed precision on CUDA (--amp = bf16; fp16 with scaled gradients); maps move by several "
+@click.option("--amp", type=click.Choice(tuple(AMP_DTYPES)), is_flag=False, flag_value="fp16", default=None,
+              help="Mixed precision on CUDA (--amp = fp16, with scaled gradients; or bf16); maps move by several "
                    "percent, see docs/methods.md.")
 @click.option("--backward", type=click.Choice(BACKWARD_MODES), default="auto", show_default=True,
               help="Backward passes one by one (loop), vmapped in batches (batched), or the faster of the two as "
