@@ -8,7 +8,9 @@ groups allow. The scaler is a pipeline step, so each fold fits it on that fold's
 
 Applying: every predicted instance of an explain output folder gets P(FP); those above the threshold are
 removed from the binary prediction. The filtered masks keep the input geometry; with ground truth, lesion
-metrics before and after come with paired case-bootstrap CIs (`nnxai.comparison`).
+metrics before and after come with paired case-bootstrap CIs (`nnxai.comparison`). Applied to the cases it
+was trained on, the final model's before/after is in-sample; cross-fitted application scores each such case
+with the cross-validation model that did not see its patient, so the before/after is out of sample there too.
 
 Model files are joblib (pickle) files: like checkpoints, load only files from a source you trust.
 """
@@ -172,7 +174,10 @@ def cross_validate(X: np.ndarray, y: np.ndarray, groups: np.ndarray, pipeline: P
 
 @dataclass
 class FPFilter:
-    """A trained false-positive filter: the fitted pipeline and everything needed to apply it the same way."""
+    """A trained false-positive filter: the fitted pipeline and everything needed to apply it the same way.
+
+    `fold_pipelines[k]` was fitted without the cases `held_out_fold` maps to k (cross-fitted application).
+    """
     pipeline: Pipeline
     feature_columns: list[str]
     shell_mm: int
@@ -180,6 +185,8 @@ class FPFilter:
     classifier: str
     cross_validation: dict
     trained_on: list[str]
+    fold_pipelines: list[Pipeline] = field(default_factory=list)
+    held_out_fold: dict[str, int] = field(default_factory=dict)
     versions: dict = field(default_factory=lambda: {"nnxai": __version__, "scikit-learn": sklearn.__version__})
 
     def fp_probability(self, features: pd.DataFrame, source: Path | str = "feature table") -> np.ndarray:
@@ -191,6 +198,22 @@ class FPFilter:
         if features.empty:
             return np.zeros(0)
         return self.pipeline.predict_proba(features[self.feature_columns].to_numpy(dtype=float))[:, 1]
+
+    def cross_fitted_probability(self, features: pd.DataFrame,
+                                 source: Path | str = "feature table") -> tuple[np.ndarray, np.ndarray]:
+        """P(FP) of every row, each training case's rows by the fold model that did not see its patient, other
+        rows by the final model; and per row the fold (1-based) that scored it, 0 for the final model."""
+        if not self.fold_pipelines:
+            raise FPFilterError("this filter holds no cross-validation models (trained by an older nnxai); "
+                                "train it again for cross-fitted application")
+        probability = self.fp_probability(features, source)
+        fold = features["case"].astype(str).map(self.held_out_fold).fillna(-1).to_numpy(dtype=int)
+        X = features[self.feature_columns].to_numpy(dtype=float)
+        for k, pipeline in enumerate(self.fold_pipelines):
+            rows = fold == k
+            if rows.any():
+                probability[rows] = pipeline.predict_proba(X[rows])[:, 1]
+        return probability, fold + 1
 
     def coefficients(self) -> pd.Series:
         """Non-zero logistic coefficients on standardized features, largest magnitude first (empty for a forest)."""
@@ -239,8 +262,9 @@ def train_filter(features: pd.DataFrame, case_to_patient: dict[str, str] | None 
     groups = patient_groups(known["case"], case_to_patient)
     pipeline = make_pipeline(classifier, C, seed)
     validation = cross_validate(X, y, groups, pipeline, n_folds, seed)
+    held_out_fold = dict(zip(known["case"].astype(str), validation.fold.tolist()))
     model = FPFilter(clone(pipeline).fit(X, y), columns, shell_mm, threshold, classifier,
-                     validation.summary(y, threshold), list(trained_on or []))
+                     validation.summary(y, threshold), list(trained_on or []), validation.pipelines, held_out_fold)
     instances = known[list(IDENTITY_COLUMNS)].assign(patient=groups, fold=validation.fold + 1,
                                                      fp_probability=validation.probability)
     return Training(model, validation, instances)
@@ -296,9 +320,11 @@ def _ground_truth_files(out_dir: Path, record: dict, gt_dir: Path | None, cases:
 
 def apply_filter(model: FPFilter, out_dir: Path, filtered_dir: Path, threshold: float | None = None,
                  gt_dir: Path | None = None, only_common: bool = False, n_bootstrap: int = 2000, seed: int = 0,
-                 overwrite: bool = False, progress: bool = False) -> FilterResult:
+                 overwrite: bool = False, progress: bool = False, cross_fitted: bool = False) -> FilterResult:
     """Remove the instances the filter flags from every case's prediction; write masks, tables and metrics.
 
+    `cross_fitted`: score the cases the filter was trained on with their held-out fold's model
+    (`FPFilter.cross_fitted_probability`); the scores table says which model scored each instance.
     `filtered_dir` gets `<case>.nii.gz` (an nnU-Net prediction folder), `instances.csv` (every predicted
     instance with P(FP) and whether it was removed), `removed.csv`, and with ground truth (`gt_dir`, else
     the explain run's) `evaluation/` with before/after lesion metrics. All of it appears at once.
@@ -313,9 +339,12 @@ def apply_filter(model: FPFilter, out_dir: Path, filtered_dir: Path, threshold: 
     except (AnalysisInputError, FeatureError) as error:
         raise FPFilterError(str(error)) from None
     record = output.record
-    probability = model.fp_probability(features, out_dir)
+    if cross_fitted:
+        probability, scored_by_fold = model.cross_fitted_probability(features, out_dir)
+    else:
+        probability, scored_by_fold = model.fp_probability(features, out_dir), np.zeros(len(features), dtype=int)
     scores = features[list(IDENTITY_COLUMNS)].assign(
-        fp_probability=probability, removed=probability > threshold,
+        fp_probability=probability, scored_by_fold=scored_by_fold, removed=probability > threshold,
         volume_mm3=np.exp(features["log_volume_mm3"]), mean_probability=features["mean_probability"])
     cases = sorted(p.parent.name for p in out_dir.glob(f"*/{CASE_TABLE}") if not p.parent.name.startswith("."))
     gt_files, without_gt = _ground_truth_files(out_dir, record, gt_dir, cases, only_common)

@@ -1,4 +1,6 @@
 """False-positive filter: a known answer, patient-grouped CV, per-fold scaling, one-class refusal, train/apply."""
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -151,3 +153,33 @@ def test_cli_one_class_message(tmp_path):
     assert result.output.strip().splitlines()[-1] == (
         "Error: the feature table has only TP instances (6) and no FP: training needs both TP and FP instances")
     assert not (tmp_path / "m.joblib").exists()
+
+
+def test_cross_fitted_scores_are_the_out_of_fold_ones():
+    """Each training case is scored by the fold model that never saw its patient; unseen cases by the final one."""
+    features = synthetic_features(n_patients=6)
+    training = train_filter(features, n_folds=3)
+    model = training.model
+    unseen = synthetic_features(n_patients=2, seed=1).assign(case=lambda t: "new_" + t["case"])
+    probability, fold = model.cross_fitted_probability(pd.concat([features, unseen], ignore_index=True))
+    out_of_fold = training.instances.set_index(["case", "instance_id"])
+    trained = features.set_index(["case", "instance_id"]).index
+    assert probability[:len(features)] == pytest.approx(out_of_fold.loc[trained, "fp_probability"].to_numpy())
+    assert fold[:len(features)].tolist() == out_of_fold.loc[trained, "fold"].tolist()
+    assert probability[len(features):] == pytest.approx(model.fp_probability(unseen))
+    assert (fold[len(features):] == 0).all()
+    assert not np.allclose(probability[:len(features)], model.fp_probability(features))  # in-sample differs
+
+
+def test_cross_fitted_apply_on_the_training_cases(outputs, tmp_path):
+    training = train_filter(cohort_features([outputs / "train"]), n_folds=3)
+    result = apply_filter(training.model, outputs / "train", tmp_path / "filtered", n_bootstrap=200,
+                          cross_fitted=True)
+    scores = result.scores.merge(training.instances, on=["case", "instance_id"], suffixes=("", "_cv"))
+    assert len(scores) == 18
+    assert scores["fp_probability"].to_numpy() == pytest.approx(scores["fp_probability_cv"].to_numpy())
+    assert (scores["scored_by_fold"] == scores["fold"]).all()
+    assert sorted(result.removed["instance_id"]) == [3] * 6
+    with pytest.raises(FPFilterError, match="no cross-validation models"):
+        apply_filter(dataclasses.replace(training.model, fold_pipelines=[]), outputs / "train", tmp_path / "again",
+                     cross_fitted=True)

@@ -89,9 +89,12 @@ def train(out_dirs: tuple[Path, ...], output: Path, patients: Path | None, class
 @click.option("--bootstrap", "n_bootstrap", type=click.IntRange(min=100), default=2000, show_default=True,
               help="Bootstrap replicates (cases resampled) for the 95% CIs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
+@click.option("--cross-fitted", is_flag=True,
+              help="Score the cases the filter was trained on with the cross-validation model that did not see "
+                   "their patient (out-of-sample before/after on the training cases); other cases as usual.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def apply(model_path: Path, out_dir: Path, output: Path, threshold: float | None, gt_dir: Path | None,
-          only_common: bool, n_bootstrap: int, seed: int, overwrite: bool) -> None:
+          only_common: bool, n_bootstrap: int, seed: int, cross_fitted: bool, overwrite: bool) -> None:
     """Remove the instances MODEL flags as false positives from the predictions of explain folder OUT_DIR.
 
     The model file is unpickled: use only model files from a source you trust.
@@ -102,10 +105,14 @@ def apply(model_path: Path, out_dir: Path, output: Path, threshold: float | None
     with filter_errors():
         model = FPFilter.load(model_path)
         result = apply_filter(model, out_dir, output, threshold, gt_dir, only_common, n_bootstrap, seed, overwrite,
-                              progress=True)
+                              progress=True, cross_fitted=cross_fitted)
     used = model.threshold if threshold is None else threshold
     click.echo(f"removed {len(result.removed)} of {len(result.scores)} instances (P(FP) > {used}); "
                f"filtered masks and tables in {result.output}")
+    if cross_fitted:
+        held_out = int((result.scores["scored_by_fold"] > 0).sum())
+        click.echo(f"cross-fitted: {held_out} instance(s) scored by the fold model that did not see their patient, "
+                   f"{len(result.scores) - held_out} by the final model")
     if result.without_ground_truth:
         click.echo(f"Warning: {len(result.without_ground_truth)} case(s) without ground truth not evaluated: "
                    f"{', '.join(result.without_ground_truth[:10])}", err=True)
