@@ -136,10 +136,14 @@ def _ssim(first: np.ndarray, second: np.ndarray, data_range: float) -> float:
                                        data_range=data_range))
 
 
-def _spearman(first: np.ndarray, second: np.ndarray) -> float:
-    if np.ptp(first) == 0 or np.ptp(second) == 0:
-        return float("nan")  # a constant map has no ranking
-    return float(spearmanr(first.ravel(), second.ravel()).statistic)
+def _spearman(original: np.ndarray, randomized: np.ndarray) -> float:
+    """Rank correlation; 0 when only the randomized map is constant: it kept none of the original's ranking
+    (Grad-CAM++ maps of a randomized network are often all zero after their ReLU). NaN for a constant original."""
+    if np.ptp(original) == 0:
+        return float("nan")
+    if np.ptp(randomized) == 0:
+        return 0.0
+    return float(spearmanr(original.ravel(), randomized.ravel()).statistic)
 
 
 def compare_maps(original: np.ndarray, randomized: np.ndarray) -> dict[str, float]:

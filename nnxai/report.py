@@ -65,7 +65,8 @@ def figure_slot(stem: str) -> str:
 def _table_html(table: pd.DataFrame, max_rows: int = MAX_TABLE_ROWS, emphasize: pd.Series | None = None) -> str:
     """An HTML table of formatted values (first `max_rows` rows, with a note of how many there are)."""
     shown = table.head(max_rows)
-    header = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
+    # long column names may break after an underscore, so a wide table (the sanity verdicts) fits the page
+    header = "".join(f"<th>{html.escape(str(c)).replace('_', '_<wbr>')}</th>" for c in shown.columns)
     rows = []
     for index, row in shown.iterrows():
         strong = emphasize is not None and bool(emphasize.get(index, False))
@@ -409,8 +410,8 @@ h1 { margin-bottom: 4px; } h2 { border-bottom: 1px solid #ccc; padding-top: 12px
 nav ol { columns: 2; margin: 8px 0 16px; }
 .table { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 13px; margin: 6px 0 12px; }
-th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
-th { background: #f1f3f6; } td.text, table.settings th, table.settings td { text-align: left; }
+th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
+th { background: #f1f3f6; font-size: 12px; } td.text, table.settings th, table.settings td { text-align: left; }
 .findings { background: #eef4fb; border: 1px solid #c9daf0; padding: 6px 16px; }
 tr.significant td { font-weight: 600; background: #fff6e0; }
 figure { margin: 12px 0 20px; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }

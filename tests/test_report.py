@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from nnxai.cli import main
 from nnxai.explain_output import load_explain_output
+from nnxai.randomization import VERDICT_COLUMNS
 from nnxai.report import build_sections, gallery_examples, write_report
 from nnxai.rings import ring_table, write_rings
 from nnxai.statistics import group_statistics, write_statistics
@@ -47,8 +48,11 @@ def write_experiments(out: Path, seed: int = 0) -> None:
                                    "spearman": 1 - s / 4, "ssim": 1 - s / 5}
                                   for c in ("FLAIR", "T1") for s in range(5)])
     randomization.to_csv(sanity / "randomization.csv", index=False)
-    pd.DataFrame({"method": "smoothgrad", "channel": ["FLAIR", "T1"], "statistic": "spearman_abs",
-                  "verdict": ["pass", "FAIL"]}).to_csv(sanity / "randomization_verdicts.csv", index=False)
+    verdicts = pd.DataFrame({"method": "smoothgrad", "channel": ["FLAIR", "T1"], "statistic": "spearman_abs",
+                             "instances": 2, "threshold": 0.5, "verdict": ["pass", "FAIL"]})
+    for column in VERDICT_COLUMNS[len(verdicts.columns):]:  # as wide as the real table
+        verdicts[column] = [0.137137617, 0.6213303508]
+    verdicts.to_csv(sanity / "randomization_verdicts.csv", index=False)
     deletion = pd.DataFrame([{"case": "case_000", "instance_id": i, "group": g, "order": o, "k_percent": k,
                               "mean_probability": (1 - k / 60) if o == "random" else (1 - k / 25)}
                              for i, g in ((1, "TP"), (3, "FP")) for o in ("salient", "random")
@@ -152,7 +156,8 @@ CHECK_SCRIPT = """<script>
 window.addEventListener("load", () => {
   const images = Array.from(document.images);
   const broken = images.filter(i => !i.complete || i.naturalWidth === 0).length;
-  document.body.setAttribute("data-check", `images=${images.length} broken=${broken}`);
+  const wide = Array.from(document.querySelectorAll("div.table")).filter(t => t.scrollWidth > t.clientWidth).length;
+  document.body.setAttribute("data-check", `images=${images.length} broken=${broken} wide=${wide}`);
 });
 </script>"""
 
@@ -164,12 +169,12 @@ def test_report_renders_in_headless_chromium(complete, tmp_path):
     page.write_text(path.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
     flags = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-             "--virtual-time-budget=10000"]
+             "--virtual-time-budget=10000", "--window-size=1280,2400"]
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     images = len(list((out / "report").glob("*.png")))
-    assert f'data-check="images={images} broken=0"' in dom
+    assert f'data-check="images={images} broken=0 wide=0"' in dom  # every table fits the page
     screenshot = tmp_path / "report.png"
-    subprocess.run([*flags, "--hide-scrollbars", "--window-size=1280,2400", f"--screenshot={screenshot}",
+    subprocess.run([*flags, "--hide-scrollbars", f"--screenshot={screenshot}",
                     path.as_uri()], capture_output=True, timeout=120)
     assert screenshot.stat().st_size > 10_000
 

@@ -72,7 +72,9 @@ def test_map_comparison_statistics():
     assert flipped["ssim_abs"] == pytest.approx(1) and flipped["ssim_signed"] < 0
     unrelated = compare_maps(original, rng.normal(size=(9, 9, 9)))
     assert all(abs(value) < 0.15 for value in unrelated.values())
-    assert np.isnan(compare_maps(original, np.zeros_like(original))["spearman_abs"])
+    emptied = compare_maps(original, np.zeros_like(original))  # e.g. Grad-CAM++ of a random network: all zero
+    assert emptied["spearman_abs"] == 0 and emptied["spearman_signed"] == 0
+    assert np.isnan(compare_maps(np.ones_like(original), original)["spearman_abs"])  # no ranking to keep
 
 
 def test_instance_box_grows_by_margin_in_mm_and_stays_inside():
