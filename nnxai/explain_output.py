@@ -37,9 +37,14 @@ class ExplainOutput:
         return list(self.record["channels"])
 
     @property
-    def method(self) -> str:
+    def methods(self) -> list[str]:
         settings = self.record.get("settings", {})
-        return settings.get("methods", [settings.get("method", "smoothgrad")])[0]
+        return list(settings.get("methods", [settings.get("method", "smoothgrad")]))
+
+    @property
+    def method(self) -> str:
+        """The first method: the one the analyses read unless told otherwise."""
+        return self.methods[0]
 
     @property
     def experiments(self) -> Path:

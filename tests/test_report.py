@@ -182,7 +182,8 @@ def test_report_renders_in_headless_chromium(complete, tmp_path):
 def test_cohort_without_lesions(tmp_path):
     out = tmp_path / "out"
     (out / "c1").mkdir(parents=True)
-    (out / "run.json").write_text(json.dumps({"channels": ["FLAIR", "T1"], "settings": {"method": "smoothgrad"}}))
+    (out / "run.json").write_text(json.dumps({"channels": ["FLAIR", "T1"],
+                                             "settings": {"methods": ["smoothgrad", "gradcampp"]}}))
     header = "case,instance_id,group," + ",".join(f"smoothgrad_{c}_{s}" for c in ("FLAIR", "T1")
                                                    for s in ("peak_pos", "peak_neg", "mean"))
     for table in (out / "instances.csv", out / "c1" / "instances.csv"):
@@ -193,5 +194,6 @@ def test_cohort_without_lesions(tmp_path):
     assert pd.read_csv(out / "stats.csv").note.str.startswith("n too small").all()
     page = (out / "report" / "report.html").read_text()
     assert "1 case, 0 lesion instances" in page
+    assert "<th>methods</th><td>smoothgrad, gradcampp</td>" in section_html(page, "cohort")
     assert "No lesion instance with saliency values." in section_html(page, "peaks")
     assert "no rows (no lesion instance)" in section_html(page, "rings")
