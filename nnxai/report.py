@@ -110,8 +110,9 @@ def cohort_section(output: ExplainOutput) -> Section:
     settings, model = output.record.get("settings", {}), output.record.get("model") or {}
     identity = [str(model[k]) for k in ("trainer", "plans", "configuration") if model.get(k)]
     run = {"model": model.get("folder"), "trainer / plans / configuration": " / ".join(identity) or None,
-           "folds": model.get("folds"), "channels": ", ".join(output.channels), "methods": ", ".join(output.methods),
-           "input images": output.record.get("images"), "ground truth": output.record.get("ground_truth") or "none",
+           "folds": model.get("folds"), "channels": ", ".join(output.channels),
+           "methods": ", ".join(output.methods), "input images": output.record.get("images"),
+           "ground truth": output.record.get("ground_truth") or "none",
            **{k: settings[k] for k in ("samples", "noise", "threshold", "min_size", "connectivity", "rule")
               if k in settings}}
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
