@@ -52,7 +52,8 @@ from nnxai.instances import label_components
 from nnxai.plans import CPU_FEATURES, CPU_PATCH_SIZE, small_architecture
 from nnxai.sliding_window import SlidingWindow
 from nnxai.explain import DEFAULT_MAX_MAPS
-from nnxai.smoothgrad import GradientEngine, Sampling, noise_sigma, saved_graph_bytes, smoothgrad_maps, tile_forward
+from nnxai.smoothgrad import (GradientEngine, Sampling, exact_float32, noise_sigma, saved_graph_bytes, smoothgrad_maps,
+                              tile_forward)
 
 PARTS = ("mean", "max", "auto", "amp")
 QUICK_PARTS = ("mean", "max", "amp")  # a few minutes on 2 CPU cores; "auto" draws hundreds of samples
@@ -288,10 +289,9 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
                   convs: int, patch: int, device: str, threads: int, tta: bool, samples: int, noise: float,
                   parts: tuple[str, ...], backward: str, max_voxels: int, auto_instances: int, tol: float,
                   max_samples: int, fixed_samples: int, reference_samples: int, amp: tuple[str, ...],
-                  ours_amp: str | None = None, weights: Path | None = None, max_maps: int | None = DEFAULT_MAX_MAPS,
-                  tf32: bool = False) -> dict:
+                  ours_amp: str | None = None, weights: Path | None = None, max_maps: int | None = DEFAULT_MAX_MAPS
+                  ) -> dict:
     torch.set_num_threads(threads)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     device = torch.device(device)
     if device.type == "cpu":
         map_large_allocations()
@@ -321,13 +321,13 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
         "instance_voxels": sorted(int(m.sum()) for m in masks.values()), "tiles": len(layout.tiles),
         "mean_tiles_per_instance": float(np.mean(tiles_per_instance)), "patch": patch, "features": list(features),
         "convs_per_stage": convs, "weights": str(weights) if weights else "He initialization", "tta": tta,
-        "device": str(device), "tf32": tf32, "threads": threads, "noise": noise,
+        "device": str(device), "threads": threads, "noise": noise,
         "tile_graph_mb": graph_bytes[0] / 2 ** 20, "torch": torch.__version__, "python": platform.python_version(),
         "processor": platform.processor() or platform.machine()}
     report.line(f"{case}: network input {tuple(data.shape[1:])} at {spacing:g} mm, {len(masks)} instances, "
                 f"{len(layout.tiles)} tiles of {patch}^3, {np.mean(tiles_per_instance):.2f} tiles per instance "
                 f"on average; one tile's graph {graph_bytes[0] / 2 ** 20:.0f} MB; {device}, {threads} thread(s), "
-                f"TTA {'on' if tta else 'off'}, TF32 {'on' if tf32 else 'off'}")
+                f"TTA {'on' if tta else 'off'}")
     engine = GradientEngine(backward, max_batch=16, max_maps=max_maps)
     if backward == "auto":  # measured once per run, as `nnxai explain` does, before anything is timed
         first_two = dict(sorted(masks.items(), key=lambda item: item[1].sum())[:2])
@@ -477,22 +477,23 @@ def _integers(text: str) -> tuple[int, ...]:
               help="nnU-Net checkpoint of a network with these --features/--convs (default: untrained).")
 @click.option("--max-maps", default=DEFAULT_MAX_MAPS, show_default=True,
               help="SmoothGrad maps ours holds at once in the mean part, as `nnxai explain --max-maps` (0: all).")
-@click.option("--tf32/--no-tf32", default=False, show_default=True,
-              help="Let CUDA float32 convolutions and matrix products round to TF32 (PyTorch's default for cuDNN; "
-                   "off here so that the maps of different orders of work agree to float32 precision).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the figures as JSON.")
 def main(workdir, case, cases, seed, spacing, instances, features, convs, patch, device, threads, tta, samples, noise, parts,
          backward, max_voxels, auto_instances, tol, max_samples, fixed_samples, reference_samples, amp, ours_amp,
-         weights, max_maps, tf32, json_path) -> None:
-    """Time instance-level SmoothGrad the study's way, with Captum and ours on one phantom case."""
+         weights, max_maps, json_path) -> None:
+    """Time instance-level SmoothGrad the study's way, with Captum and ours on one phantom case.
+
+    Float32 is true float32 for every method (no TF32 on CUDA), as ours always computes it.
+    """
     selected = PARTS if parts == "all" else tuple(p for p in parts.split(",") if p)
     unknown = [p for p in selected if p not in PARTS]
     if unknown:
         raise click.BadParameter(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}", param_hint="--parts")
-    record = run_benchmark(workdir, case, cases, seed, spacing, instances, _integers(features), convs, patch, device, threads,
-                           tta, samples, noise, selected, backward, max_voxels, auto_instances, tol, max_samples,
-                           fixed_samples, reference_samples, tuple(a for a in amp.split(",") if a), ours_amp,
-                           weights, max_maps or None, tf32)
+    with exact_float32():
+        record = run_benchmark(workdir, case, cases, seed, spacing, instances, _integers(features), convs, patch,
+                               device, threads, tta, samples, noise, selected, backward, max_voxels, auto_instances, tol,
+                               max_samples, fixed_samples, reference_samples, tuple(a for a in amp.split(",") if a),
+                               ours_amp, weights, max_maps or None)
     if json_path:
         json_path.write_text(json.dumps(record, indent=2) + "\n")
 

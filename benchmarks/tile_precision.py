@@ -8,6 +8,7 @@ an instance's; the relative L2 error of the input gradient against float32 (TF32
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -16,9 +17,9 @@ import click
 import torch
 
 from benchmarks.explain_benchmark import cpu_plan_network
+from nnxai.smoothgrad import AMP_DTYPES
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "tf32", *AMP_DTYPES)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -39,8 +40,9 @@ def time_variant(network: torch.nn.Module, tile: torch.Tensor, mask: torch.Tenso
             x = x.to(memory_format=torch.channels_last_3d)
         _synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.bfloat16),
-                            enabled=precision in AUTOCAST):
+        autocast = (torch.autocast(device.type, dtype=AMP_DTYPES[precision]) if precision in AMP_DTYPES
+                    else contextlib.nullcontext())
+        with autocast:
             target = (network(x)[0, 1].float() * mask).sum()
         _synchronize(device)
         middle = time.perf_counter()

@@ -189,15 +189,17 @@ class FPFilter:
     held_out_fold: dict[str, int] = field(default_factory=dict)
     versions: dict = field(default_factory=lambda: {"nnxai": __version__, "scikit-learn": sklearn.__version__})
 
-    def fp_probability(self, features: pd.DataFrame, source: Path | str = "feature table") -> np.ndarray:
-        """P(FP) of every row of a feature table made like the training one."""
+    def _matrix(self, features: pd.DataFrame, source: Path | str) -> np.ndarray:
         missing = [c for c in self.feature_columns if c not in features.columns]
         if missing:
             raise FPFilterError(f"{source}: lacks {len(missing)} feature(s) the filter was trained on, e.g. "
                                 f"{', '.join(missing[:3])} (explain it with the same channels and methods)")
-        if features.empty:
-            return np.zeros(0)
-        return self.pipeline.predict_proba(features[self.feature_columns].to_numpy(dtype=float))[:, 1]
+        return features[self.feature_columns].to_numpy(dtype=float)
+
+    def fp_probability(self, features: pd.DataFrame, source: Path | str = "feature table") -> np.ndarray:
+        """P(FP) of every row of a feature table made like the training one."""
+        X = self._matrix(features, source)
+        return self.pipeline.predict_proba(X)[:, 1] if len(X) else np.zeros(0)
 
     def cross_fitted_probability(self, features: pd.DataFrame,
                                  source: Path | str = "feature table") -> tuple[np.ndarray, np.ndarray]:
@@ -206,10 +208,10 @@ class FPFilter:
         if not self.fold_pipelines:
             raise FPFilterError("this filter holds no cross-validation models (trained by an older nnxai); "
                                 "train it again for cross-fitted application")
-        probability = self.fp_probability(features, source)
+        X = self._matrix(features, source)
         fold = features["case"].astype(str).map(self.held_out_fold).fillna(-1).to_numpy(dtype=int)
-        X = features[self.feature_columns].to_numpy(dtype=float)
-        for k, pipeline in enumerate(self.fold_pipelines):
+        probability = np.zeros(len(X))
+        for k, pipeline in enumerate([self.pipeline, *self.fold_pipelines], start=-1):  # -1: the final model
             rows = fold == k
             if rows.any():
                 probability[rows] = pipeline.predict_proba(X[rows])[:, 1]
