@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nnxai.input_gradients import input_gradients_only
 from nnxai.sliding_window import Slices, SlidingWindow, TileLayout
 
 AGGREGATIONS = ("mean", "max")
@@ -434,7 +435,7 @@ def tile_forward(window: SlidingWindow, padded: torch.Tensor, tile: Slices, lesi
                  engine: GradientEngine) -> tuple[torch.Tensor, torch.Tensor]:
     """A tile's input (a fresh leaf requiring grad) and its float32 lesion logits (unweighted)."""
     tile_input = padded[(slice(None), *tile)].detach().requires_grad_(True)
-    with engine.autocast(window.device):
+    with engine.autocast(window.device), input_gradients_only():
         logits = window.predict_tile(tile_input)
     return tile_input, logits[lesion_channel].float()
 
