@@ -1,7 +1,8 @@
 """Memory `nnxai explain` holds for the gradient of one sliding-window tile (GPU memory, or RAM with -device cpu).
 
 Gradients are taken one tile at a time; autograd keeps what the tile's forward passes saved (one pass per fold
-and per mirroring) until the backward pass, so that graph sets the peak. This script plans nnU-Net's default
+and per mirroring) until the backward pass, so that graph sets the peak (convolutions keep only their weights:
+nnxai.input_gradients). This script plans nnU-Net's default
 3d_fullres network for a dataset of the given median shape and spacing (nnU-Net's own ExperimentPlanner on a
 stand-in fingerprint), runs one forward pass on the meta device (shapes only: no memory, no GPU needed) and adds
 up the tensors autograd saves. Counted this way, a 64^3 patch on the CPU saves exactly the bytes real tensors do.
@@ -22,6 +23,8 @@ import click
 import numpy as np
 import SimpleITK as sitk
 import torch
+
+from nnxai.input_gradients import input_gradients_only
 
 DATASET = "Dataset999_MemoryEstimate"
 MIRRORINGS = 8  # nnU-Net mirrors 3D patches along all three axes: 2^3 flips
@@ -71,7 +74,7 @@ def saved_bytes_per_pass(configuration: dict, channels: int, classes: int = 2) -
         return tensor
 
     patch = torch.zeros((1, channels, *configuration["patch_size"]), device="meta", requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor), input_gradients_only():
         network(patch)
     parameters = sum(p.numel() for p in network.parameters())
     return sum(saved.values()), parameters * 4, parameters
