@@ -51,6 +51,7 @@ class ExplainSettings:
     aggregation: str = "mean"
     tol: float = 0.05
     max_samples: int = 200
+    antithetic: bool | None = None  # noise in +/- pairs; None: with --samples auto only (resolved before the record)
     layer: str | None = None  # Grad-CAM++ layer; None: the last decoder stage (resolved before the run record)
     gradcampp_variant: str = "monai"
     normalize: bool = False
@@ -71,7 +72,9 @@ class ExplainSettings:
         return self.methods[0]
 
     def sampling(self) -> Sampling:
-        return Sampling(None if self.samples == "auto" else int(self.samples), self.tol, self.max_samples)
+        auto = self.samples == "auto"
+        return Sampling(None if auto else int(self.samples), self.tol, self.max_samples,
+                        antithetic=auto if self.antithetic is None else self.antithetic)
 
 
 @dataclass(frozen=True)
@@ -371,15 +374,16 @@ def check_settings(model: LoadedModel, settings: ExplainSettings) -> ExplainSett
         sampling = settings.sampling()
     except ValueError as error:
         raise CaseError(f"samples {settings.samples!r}: {error}") from None
+    settings = replace(settings, samples=sampling.samples or "auto", antithetic=sampling.antithetic)
     if "gradcampp" not in settings.methods:
-        return replace(settings, samples=sampling.samples or "auto")
+        return settings
     network = model.networks[0]
     try:
         layer = settings.layer or default_layer(network)
         check_layer(network, layer, model.configuration_manager.patch_size, len(model.channel_names))
     except LayerError as error:
         raise CaseError(str(error)) from None
-    return replace(settings, samples=sampling.samples or "auto", layer=layer)
+    return replace(settings, layer=layer)
 
 
 def explain_cohort(model: LoadedModel, images_dir: Path, out_dir: Path, settings: ExplainSettings,

@@ -58,18 +58,27 @@ class Sampling:
     Auto: after at least `min_samples`, an instance stops once the estimated relative standard error of its
     mean map is at most `tol`, both for the map's L2 norm and at its peak (largest magnitude) voxel; at
     most `max_samples` are drawn.
+
+    `antithetic`: every second sample uses the previous sample's noise negated (an antithetic pair). Each
+    sample is still Gaussian, so the mean estimates the same SmoothGrad map, and the odd-order terms of the
+    gradient's response to the noise cancel within a pair; auto then judges the error by pairs and stops
+    only after whole pairs.
     """
 
     samples: int | None = 50
     tol: float = 0.05
     max_samples: int = 200
     min_samples: int = 5
+    antithetic: bool = False
 
     def __post_init__(self):
         if self.samples is not None and self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.samples is None and not (self.tol > 0 and 2 <= self.min_samples <= self.max_samples):
             raise ValueError(f"auto sampling needs tol > 0 and 2 <= min_samples <= max_samples, got {self}")
+        if self.samples is None and self.antithetic and self.max_samples % 2:
+            raise ValueError(f"antithetic auto sampling stops after whole pairs: max_samples must be even, "
+                             f"got {self.max_samples}")
 
     @property
     def limit(self) -> int:
@@ -208,26 +217,42 @@ class RunningMean:
     """Running mean of per-sample maps and, with `variance`, their variance (Welford) for the standard error.
 
     Without variance it is a plain sum, which the tiles of a sample may also add into directly
-    (`sum_buffer`, then `count_sample`): no per-sample map needs to be held.
+    (`sum_buffer`, then `count_sample`): no per-sample map needs to be held. With `pairs` (antithetic
+    sampling), the observations whose variance is estimated are the means of consecutive sample pairs.
     """
 
-    def __init__(self, shape: Sequence[int], device: torch.device, variance: bool = True):
-        self.count = 0
+    def __init__(self, shape: Sequence[int], device: torch.device, variance: bool = True, pairs: bool = False):
+        self.count = 0  # samples
         self.shape = tuple(shape)
         self._total = torch.zeros(self.shape, device=device)  # the mean with variance, else the sum
         self._m2 = torch.zeros(self.shape, device=device) if variance else None
+        self._pairs = pairs
+        self._first_of_pair: torch.Tensor | None = None
+        self._observations = 0
 
     @property
     def mean(self) -> torch.Tensor:
         return self._total if self._m2 is not None else self._total / max(self.count, 1)
+
+    @property
+    def in_pair(self) -> bool:
+        """An antithetic pair is half done: its first sample is not in the mean yet."""
+        return self._first_of_pair is not None
 
     def add(self, sample: torch.Tensor) -> None:
         self.count += 1
         if self._m2 is None:
             self._total += sample
             return
+        if self._pairs:
+            if self._first_of_pair is None:
+                self._first_of_pair = sample
+                return
+            sample = (self._first_of_pair + sample) / 2
+            self._first_of_pair = None
+        self._observations += 1
         delta = sample - self._total
-        self._total += delta / self.count
+        self._total += delta / self._observations
         self._m2 += delta * (sample - self._total)
 
     def sum_buffer(self) -> torch.Tensor:
@@ -241,12 +266,12 @@ class RunningMean:
         self.count += 1
 
     def _variance_of_mean(self) -> torch.Tensor:
-        return self._m2 / ((self.count - 1) * self.count)
+        return self._m2 / ((self._observations - 1) * self._observations)
 
     def relative_standard_error(self) -> float:
         """Standard error of the mean map relative to its size (L2 norms): the expected relative L2
-        distance to the map of infinitely many samples. NaN with fewer than two samples or without variance."""
-        if self.count < 2 or self._m2 is None:
+        distance to the map of infinitely many samples. NaN with fewer than two observations or without variance."""
+        if self._observations < 2 or self._m2 is None:
             return math.nan
         error = float(self._variance_of_mean().sum().sqrt())
         norm = float(self.mean.norm())
@@ -254,7 +279,7 @@ class RunningMean:
 
     def peak_relative_standard_error(self) -> float:
         """Standard error at the voxel of largest mean magnitude, relative to that magnitude."""
-        if self.count < 2 or self._m2 is None:
+        if self._observations < 2 or self._m2 is None:
             return math.nan
         peak = int(self.mean.abs().argmax())
         value = float(self.mean.flatten()[peak].abs())
@@ -370,7 +395,8 @@ def _group_maps(window: SlidingWindow, data: torch.Tensor, masks: Mapping[int, n
     """The maps of instances sharing every forward pass."""
     layout = window.layout(data.shape[1:])
     auto = sampling.samples is None
-    work = _prepare_instances(window, layout, masks, channels=data.shape[0], variance=auto)
+    work = _prepare_instances(window, layout, masks, channels=data.shape[0], variance=auto,
+                              pairs=auto and sampling.antithetic)
     # fixed-count mean aggregation adds every tile's gradient straight into the sum (no per-sample map held)
     direct = not auto and aggregation == "mean"
     active = [w for w in work.values() if w.tiles]
@@ -383,10 +409,16 @@ def _group_maps(window: SlidingWindow, data: torch.Tensor, masks: Mapping[int, n
     tiles = _Tiles(window, layout, lesion_channel, engine, graph_bytes)
     with tqdm(total=sampling.limit, desc=f"SmoothGrad ({aggregation})", unit="sample", disable=not progress,
               leave=False) as bar:
-        for _ in range(sampling.limit):
+        draw = None
+        for index in range(sampling.limit):
             if not active:
                 break
-            noisy = data + torch.randn(data.shape, generator=generator) * sigma if sigma > 0 else data
+            if sigma > 0:
+                pair_second = sampling.antithetic and index % 2
+                draw = -draw if pair_second else torch.randn(data.shape, generator=generator) * sigma
+                noisy = data + draw
+            else:
+                noisy = data
             padded = window.pad(noisy.to(window.device))
             if direct:
                 sample_step(tiles, padded, active, {w.instance_id: w.running.sum_buffer() for w in active})
@@ -398,8 +430,8 @@ def _group_maps(window: SlidingWindow, data: torch.Tensor, masks: Mapping[int, n
                 for w in active:
                     w.running.add(sample_maps[w.instance_id])
             if auto:
-                active = [w for w in active
-                          if w.running.count < sampling.min_samples or not w.running.converged(sampling.tol)]
+                active = [w for w in active if w.running.count < sampling.min_samples or w.running.in_pair
+                          or not w.running.converged(sampling.tol)]
             bar.update()
     del active
     for instance_id in list(work):
@@ -407,14 +439,14 @@ def _group_maps(window: SlidingWindow, data: torch.Tensor, masks: Mapping[int, n
 
 
 def _prepare_instances(window: SlidingWindow, layout: TileLayout, masks: Mapping[int, np.ndarray],
-                       channels: int, variance: bool) -> dict[int, _InstanceWork]:
+                       channels: int, variance: bool, pairs: bool) -> dict[int, _InstanceWork]:
     work = {}
     for instance_id, mask in masks.items():
         padded_mask = window.padded_mask(mask)
         tiles = layout.tiles_touching(padded_mask)
         region = bounding_region(tiles, len(layout.padded_shape))
         shape = [channels, *(s.stop - s.start for s in region)]
-        running = RunningMean(shape, window.device, variance)
+        running = RunningMean(shape, window.device, variance, pairs)
         work[instance_id] = _InstanceWork(instance_id, padded_mask, tiles, region, running)
     return work
 

@@ -75,6 +75,9 @@ def parse_samples(_ctx, _param, value: str) -> int | str:
               help="--samples auto: stop when the map's relative standard error (L2 and at its peak) is below this.")
 @click.option("--max-samples", type=click.IntRange(min=5), default=200, show_default=True,
               help="--samples auto: at most this many samples.")
+@click.option("--antithetic/--independent-noise", default=None,
+              help="Draw noise in +/- pairs (same SmoothGrad map, less sampling error per sample) or independently "
+                   "as the study did [default: pairs with --samples auto, else independent].")
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="mean", show_default=True,
               help="SmoothGrad over the instance: gradient of its summed logits (mean), or per voxel, keeping the "
                    "largest magnitude at each position (max; one backward pass per instance voxel).")
@@ -110,9 +113,9 @@ def parse_samples(_ctx, _param, value: str) -> int | str:
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow checkpoints holding arbitrary Python objects (runs their code: trusted sources only).")
 def explain(images, out, model_dir, dataset, configuration, trainer, plans, folds, checkpoint, device, step_size,
-            disable_tta, num_parts, part_id, gt_dir, methods, samples, tol, max_samples, aggregation, layer,
-            gradcampp_variant, normalize, amp, backward, max_batch, memory_budget, max_maps, noise, threshold, min_size,
-            connectivity, rule, iou_threshold, seed, overwrite, trust_checkpoint) -> None:
+            disable_tta, num_parts, part_id, gt_dir, methods, samples, tol, max_samples, antithetic, aggregation,
+            layer, gradcampp_variant, normalize, amp, backward, max_batch, memory_budget, max_maps, noise, threshold,
+            min_size, connectivity, rule, iou_threshold, seed, overwrite, trust_checkpoint) -> None:
     """Explain each lesion instance nnU-Net predicts (or misses, with --gt) in every case of -i."""
     if model_dir is None and dataset is None:
         raise click.UsageError("give a model: -m MODEL_FOLDER, or -d DATASET [-c -tr -p]")
@@ -132,7 +135,8 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
     folder = model_dir or model_folder(dataset, configuration, trainer, plans)
     model = load_model(folder, list(folds) or None, checkpoint, trust_checkpoint)
     settings = ExplainSettings(methods=methods, samples=samples, noise=noise, aggregation=aggregation, tol=tol,
-                               max_samples=max_samples, layer=layer, gradcampp_variant=gradcampp_variant,
+                               max_samples=max_samples, antithetic=antithetic, layer=layer,
+                               gradcampp_variant=gradcampp_variant,
                                normalize=normalize, amp=amp, threshold=threshold, min_size=min_size,
                                connectivity=int(connectivity), rule=rule, iou_threshold=iou_threshold, seed=seed,
                                step_size=step_size, use_mirroring=not disable_tta)
