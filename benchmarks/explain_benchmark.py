@@ -14,7 +14,8 @@ peak memory above the start, ratios and the largest map difference of:
         (iii) ours (nnxai.smoothgrad: tile by tile, shared forward passes, only touched tiles);
   max   a per-voxel loop over the whole-window graph versus ours (loop and batched backward) on the
         smallest instances up to --max-voxels voxels;
-  auto  --samples auto versus a fixed number, both against an independent reference of many samples,
+  auto  --samples auto (independent noise and antithetic pairs) versus a fixed number, all against an
+        independent reference of many samples in antithetic pairs,
         on --auto-instances instances spread over the size range;
   amp   ours with bf16/fp16 autocast versus float32 (relative L2 error of the maps).
 
@@ -145,9 +146,10 @@ def phantom_case(workdir: Path, case: str, cases: int, seed: int,
                  spacing: float) -> tuple[str, torch.Tensor, np.ndarray]:
     """The case (`most`: the one with the most lesions drawn), its network input (FLAIR, T1; cropped to the head and z-scored inside it, as nnU-Net's default
     preprocessing does at the phantom's own spacing) and its lesion components (int32, 0 = background)."""
-    dataset = workdir / dataset_folder_name(901, "MSPhantom")
+    cohort = workdir / f"{cases}cases_seed{seed}_{spacing:g}mm"  # reused only for the same cohort
+    dataset = cohort / dataset_folder_name(901, "MSPhantom")
     if not (dataset / "dataset.json").is_file():
-        make_phantom_cohort(workdir, cases, seed, spacing)
+        make_phantom_cohort(cohort, cases, seed, spacing)
     if case == "most":
         case = pd.read_csv(dataset / LESION_TABLE).case_id.value_counts().idxmax()
     split = "Ts" if (dataset / "imagesTs" / f"{case}_0000.nii.gz").is_file() else "Tr"
@@ -399,26 +401,27 @@ def _auto_part(report, window, data, masks, noise, seed, engine, auto_instances,
     by_size = sorted(masks, key=lambda i: masks[i].sum())
     chosen = {i: masks[i] for i in spread(by_size, auto_instances)}
     report.line(f"\n--samples auto (tol {tol}, at most {max_samples}) versus {fixed_samples} samples, "
-                f"{len(chosen)} instances, against {reference_samples} samples of other noise:")
-    reference = measure(device, lambda: ours(window, data, chosen, Sampling(reference_samples), noise, seed + 1,
-                                             engine))
-    report.timed("auto", f"reference, {reference_samples} samples", reference)
-    auto = measure(device, lambda: ours(window, data, chosen, Sampling(None, tol, max_samples), noise, seed, engine))
-    fixed = measure(device, lambda: ours(window, data, chosen, Sampling(fixed_samples), noise, seed, engine))
-    used = [auto.result[i].samples for i in chosen]
-    auto_error = [relative_l2(auto.result[i].map, reference.result[i].map) for i in chosen]
-    fixed_error = [relative_l2(fixed.result[i].map, reference.result[i].map) for i in chosen]
-    report.timed("auto", "auto", auto, median_samples=float(statistics.median(used)),
-                 median_rel_l2_to_reference=float(statistics.median(auto_error)))
-    report.timed("auto", f"fixed {fixed_samples}", fixed,
-                 median_rel_l2_to_reference=float(statistics.median(fixed_error)))
-    report.record["auto"]["per_instance"] = [
-        {"instance_id": i, "voxels": int(chosen[i].sum()), "samples": auto.result[i].samples,
-         "rel_std_error": auto.result[i].relative_standard_error, "auto_rel_l2": a, "fixed_rel_l2": f}
-        for i, a, f in zip(chosen, auto_error, fixed_error)]
-    for row in report.record["auto"]["per_instance"]:
-        report.line(f"    instance {row['instance_id']:>3} ({row['voxels']:>4} voxels): auto {row['samples']:>4} "
-                    f"samples, rel. L2 to reference {row['auto_rel_l2']:.3f} (fixed: {row['fixed_rel_l2']:.3f})")
+                f"{len(chosen)} instances, against {reference_samples} antithetic samples of other noise:")
+    reference = measure(device, lambda: ours(window, data, chosen, Sampling(reference_samples, antithetic=True),
+                                             noise, seed + 1, engine))
+    report.timed("auto", f"reference, {reference_samples} samples in antithetic pairs", reference)
+    runs = {"auto, independent noise": Sampling(None, tol, max_samples),
+            "auto, antithetic pairs": Sampling(None, tol, max_samples, antithetic=True),
+            f"fixed {fixed_samples}, independent noise": Sampling(fixed_samples)}
+    per_instance = {i: {"instance_id": i, "voxels": int(chosen[i].sum())} for i in chosen}
+    for name, sampling in runs.items():
+        run = measure(device, lambda: ours(window, data, chosen, sampling, noise, seed, engine))
+        errors = {i: relative_l2(run.result[i].map, reference.result[i].map) for i in chosen}
+        used = [run.result[i].samples for i in chosen]
+        report.timed("auto", name, run, median_samples=float(statistics.median(used)),
+                     median_rel_l2_to_reference=float(statistics.median(errors.values())))
+        for i in chosen:
+            per_instance[i][name] = {"samples": run.result[i].samples, "rel_l2": errors[i],
+                                     "rel_std_error": run.result[i].relative_standard_error}
+    report.record["auto"]["per_instance"] = list(per_instance.values())
+    for row in per_instance.values():
+        report.line(f"    instance {row['instance_id']:>3} ({row['voxels']:>4} voxels): " + "; ".join(
+            f"{name} {row[name]['samples']} samples, rel. L2 {row[name]['rel_l2']:.3f}" for name in runs))
 
 
 def _amp_part(report, window, data, masks, noise, seed, samples, amp, device) -> None:
@@ -441,7 +444,7 @@ def _integers(text: str) -> tuple[int, ...]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("/tmp/nnxai-benchmark"), show_default=True,
-              help="Where the phantom cohort is written (reused when present).")
+              help="Where phantom cohorts are written (each reused when present).")
 @click.option("--case", default="phantom_001", show_default=True,
               help="Phantom case id, or 'most' for the case with the most lesions.")
 @click.option("--cases", default=12, show_default=True, help="Phantom cohort size (case ids depend on it).")

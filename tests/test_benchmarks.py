@@ -21,7 +21,10 @@ def test_benchmark_runs_every_part_and_its_maps_agree(tmp_path):
     assert mean["(ii) Captum NoiseTunnel(Saliency)"]["max_rel_difference"] < 1e-4  # same noise, same maps
     assert mean[next(k for k in mean if k.startswith("(iii) ours"))]["max_rel_difference"] < 1e-4
     assert all(run["max_rel_difference"] < 1e-4 for name, run in figures["max"].items() if name.startswith("ours"))
-    assert all(5 <= row["samples"] <= 6 for row in figures["auto"]["per_instance"])
+    for row in figures["auto"]["per_instance"]:
+        assert 5 <= row["auto, independent noise"]["samples"] <= 6
+        assert row["auto, antithetic pairs"]["samples"] == 6  # whole pairs: at least 5, at most 6
+        assert row["fixed 3, independent noise"]["samples"] == 3
     assert 0 < figures["amp"]["bf16"]["median_rel_l2"] < 0.2
     assert "ours is" in result.output and "tiles per instance on average" in result.output
 
