@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from nnxai.input_gradients import input_gradients_only
 from nnxai.sliding_window import Slices, SlidingWindow, TileLayout
 from nnxai.smoothgrad import GradientEngine, bounding_region, local_slices
 
@@ -315,7 +314,7 @@ def _tile_activations_and_gradients(window: SlidingWindow, network: nn.Module, p
     and for each mask the gradient of its share of the target with respect to them, summed over flips."""
     flips = window.tile_flips
     tile_input = padded[(slice(None), *tile)].detach().requires_grad_(bool(masks))
-    with torch.set_grad_enabled(bool(masks)), engine.autocast(window.device), input_gradients_only():
+    with torch.set_grad_enabled(bool(masks)), engine.forward_pass(window.device):
         logits = sum(_flip(network(_flip(tile_input, axes)[None])[0], axes) for axes in flips) / len(flips)
     activations = sum(_flip(a[0].detach().float(), axes) for a, axes in zip(captured, flips)) / len(flips)
     if not masks:

@@ -9,9 +9,6 @@ bit-identical; weight and bias get no gradient inside the block.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _ntuple
@@ -68,8 +65,6 @@ class _InputGradientsMode(TorchFunctionMode):
         return _InputGradientConvolution.apply(bound["input"], bound["weight"], bound["bias"], func, arguments)
 
 
-@contextlib.contextmanager
-def input_gradients_only() -> Iterator[None]:
-    """Inside: convolutions save only their weights, so backward gives input gradients at less memory."""
-    with _InputGradientsMode():
-        yield
+def input_gradients_only() -> TorchFunctionMode:
+    """A context inside which convolutions save only their weights: input gradients at less memory."""
+    return _InputGradientsMode()

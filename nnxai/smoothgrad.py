@@ -118,11 +118,14 @@ class GradientEngine:
         if self.backward != "auto":
             self.chosen = self.backward
 
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        """Mixed precision for a forward pass, or true float32 (no TF32) in float32 mode."""
-        if self.amp is None:
-            return exact_float32()
-        return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[self.amp])
+    @contextlib.contextmanager
+    def forward_pass(self, device: torch.device) -> Iterator[None]:
+        """The context of a forward pass whose input gradients are taken: mixed precision, or true float32 (no
+        TF32) in float32 mode; convolutions keep only their weights (no weight gradient is ever asked for)."""
+        precision = (exact_float32() if self.amp is None
+                     else torch.autocast(device_type=device.type, dtype=AMP_DTYPES[self.amp]))
+        with precision, input_gradients_only():
+            yield
 
     def batch_size(self, graph_bytes: int, bytes_per_target: int) -> int:
         """Targets per batch within `memory_budget_mb`, given one tile's graph and each target's buffers."""
@@ -228,11 +231,15 @@ class RunningMean:
         self._m2 = torch.zeros(self.shape, device=device) if variance else None
         self._pairs = pairs
         self._first_of_pair: torch.Tensor | None = None
-        self._observations = 0
 
     @property
     def mean(self) -> torch.Tensor:
         return self._total if self._m2 is not None else self._total / max(self.count, 1)
+
+    @property
+    def _observations(self) -> int:
+        """Observations in the mean: samples, or whole pairs of them."""
+        return self.count // 2 if self._pairs else self.count
 
     @property
     def in_pair(self) -> bool:
@@ -250,7 +257,6 @@ class RunningMean:
                 return
             sample = (self._first_of_pair + sample) / 2
             self._first_of_pair = None
-        self._observations += 1
         delta = sample - self._total
         self._total += delta / self._observations
         self._m2 += delta * (sample - self._total)
@@ -396,7 +402,7 @@ def _group_maps(window: SlidingWindow, data: torch.Tensor, masks: Mapping[int, n
     layout = window.layout(data.shape[1:])
     auto = sampling.samples is None
     work = _prepare_instances(window, layout, masks, channels=data.shape[0], variance=auto,
-                              pairs=auto and sampling.antithetic)
+                              pairs=sampling.antithetic)
     # fixed-count mean aggregation adds every tile's gradient straight into the sum (no per-sample map held)
     direct = not auto and aggregation == "mean"
     active = [w for w in work.values() if w.tiles]
@@ -467,7 +473,7 @@ def tile_forward(window: SlidingWindow, padded: torch.Tensor, tile: Slices, lesi
                  engine: GradientEngine) -> tuple[torch.Tensor, torch.Tensor]:
     """A tile's input (a fresh leaf requiring grad) and its float32 lesion logits (unweighted)."""
     tile_input = padded[(slice(None), *tile)].detach().requires_grad_(True)
-    with engine.autocast(window.device), input_gradients_only():
+    with engine.forward_pass(window.device):
         logits = window.predict_tile(tile_input)
     return tile_input, logits[lesion_channel].float()
 

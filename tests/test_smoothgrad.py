@@ -134,7 +134,7 @@ def test_float32_gradients_run_without_tf32(monkeypatch, amp, tf32_in_forward):
     monkeypatch.setattr(_RecordTF32, "seen", [])
     engine = GradientEngine("loop", amp=amp)
     x = torch.ones(3, requires_grad=True)
-    with engine.autocast(torch.device("cpu")):
+    with engine.forward_pass(torch.device("cpu")):
         y = _RecordTF32.apply(x)
     engine.gradients(y, [x], torch.eye(3))
     assert _RecordTF32.seen == [("forward", tf32_in_forward)] + [("backward", False)] * 3
