@@ -6,12 +6,15 @@ cost does not depend on what the network predicts), a network of the CPU plan's 
 Default: phantom_001 of `--cases 12 --seed 0` at 4 mm (22 lesions) with 32^3 patches, which tiles the
 head 2 x 2 x 2 as the CPU plan's 64^3 patches tile it at 2 mm (`--spacing 2 --case phantom_002
 --patch 64`: 23 lesions, the plan itself, about 8 times the work). It prints seconds (wall and CPU),
-peak memory above the start, ratios and the largest map difference of:
+peak memory above the start, ratios and the largest map difference of the following (each method's first
+call, timed apart as warm-up, is not in its figures):
 
   mean  (i) the study's way: per sample one graph over the whole sliding window, every instance's
             backward pass through all of it;
         (ii) Captum NoiseTunnel(Saliency) applied instance by instance (same noise draws);
-        (iii) ours (nnxai.smoothgrad: tile by tile, shared forward passes, only touched tiles);
+        (iii) ours (nnxai.smoothgrad: tile by tile, shared forward passes, only touched tiles), on CUDA
+              also without cuDNN's algorithm search (which ours turns on and (i) and (ii) leave off, as
+              PyTorch does by default);
   max   a per-voxel loop over the whole-window graph versus ours (loop and batched backward) on the
         smallest instances up to --max-voxels voxels;
   auto  --samples auto (independent noise and antithetic pairs) versus a fixed number, all against an
@@ -140,6 +143,12 @@ def measure(device: torch.device, function: Callable[[], object]) -> Measured:
             torch.cuda.synchronize(device)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     return Measured(result, seconds, cpu_seconds, memory.peak / 2 ** 20)
+
+
+def warm_up(device: torch.device, function: Callable[[], object]) -> float:
+    """Seconds of an untimed first call, so that what a long run pays once (CUDA kernel loading, cuDNN's
+    algorithm search per shape and precision) stays out of the timings that follow."""
+    return measure(device, function).seconds
 
 
 def phantom_case(workdir: Path, case: str, cases: int, seed: int,
@@ -331,9 +340,12 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
                 f"on average; one tile's graph {graph_bytes[0] / 2 ** 20:.0f} MB; {device}, {threads} thread(s), "
                 f"TTA {'on' if tta else 'off'}")
     engine = GradientEngine(backward, max_batch=16, max_maps=max_maps)
-    if backward == "auto":  # measured once per run, as `nnxai explain` does, before anything is timed
-        first_two = dict(sorted(masks.items(), key=lambda item: item[1].sum())[:2])
-        ours(window, data, first_two, Sampling(1), noise, seed, engine)
+    smallest = dict(sorted(masks.items(), key=lambda item: item[1].sum())[:2])
+    report.record["setup"]["warm_up_seconds"] = {
+        "(i) study": warm_up(device, lambda: study_mean(window, data, smallest, sigma, seed, 1)),
+        # the backward mode, if "auto", is measured here, once per run, as `nnxai explain` does
+        "ours": warm_up(device, lambda: ours(window, data, smallest, Sampling(1), noise, seed, engine))}
+    if backward == "auto":
         report.record["setup"]["backward_seconds"] = dict(engine.timings)
         report.line(f"backward mode by measurement: {engine.chosen} "
                     f"({', '.join(f'{k} {v:.3f} s' for k, v in engine.timings.items())} for two targets)")
@@ -360,12 +372,22 @@ def _mean_part(report, window, data, masks, sigma, noise, seed, samples, engine,
                                                  study.result))
     report.timed("mean", f"(iii) ours (backward {engine.chosen}, {engine.max_maps or 'all'} maps at a time)", mine,
                  max_rel_difference=mine.result)
+    one = dict(list(masks.items())[:1])
+    warm_ups = report.record["setup"]["warm_up_seconds"]
+    if device.type == "cuda":  # the search only exists in cuDNN
+        plain = GradientEngine(engine.chosen, engine.max_batch, max_maps=engine.max_maps, cudnn_search=False)
+        warm_ups["ours, search off"] = warm_up(device, lambda: ours(window, data, one, Sampling(1), noise, seed, plain))
+        no_search = measure(device, lambda: ours_streamed(window, data, masks, Sampling(samples), noise, seed, plain,
+                                                          study.result))
+        report.timed("mean", "(iii) ours, cuDNN algorithm search off", no_search, max_rel_difference=no_search.result,
+                     study_over_ours_seconds=study.seconds / no_search.seconds)
     ratios = {"study_over_ours_seconds": study.seconds / mine.seconds,
               "captum_over_ours_seconds": captum.seconds / mine.seconds,
               "ours_over_study_peak_memory": mine.peak_mb / study.peak_mb,
               "seconds_per_instance_per_sample": mine.seconds / (len(masks) * samples)}
     if ours_amp:
         amp_engine = GradientEngine(engine.chosen, engine.max_batch, amp=ours_amp)
+        warm_ups[ours_amp] = warm_up(device, lambda: ours(window, data, one, Sampling(1), noise, seed, amp_engine))
         mixed = measure(device, lambda: ours(window, data, masks, Sampling(samples), noise, seed, amp_engine))
         report.timed("mean", f"(iv) ours, {ours_amp} autocast", mixed,
                      max_rel_difference=largest_difference(mixed.result, study.result))
@@ -430,8 +452,10 @@ def _amp_part(report, window, data, masks, noise, seed, samples, amp, device) ->
                                              GradientEngine("loop")))
     report.timed("amp", "float32", reference, seconds_per_instance=reference.seconds / len(masks))
     for dtype in amp:
-        run = measure(device, lambda: ours(window, data, masks, Sampling(samples), noise, seed,
-                                           GradientEngine("loop", amp=dtype)))
+        engine = GradientEngine("loop", amp=dtype)
+        report.record["setup"]["warm_up_seconds"][dtype] = warm_up(
+            device, lambda: ours(window, data, dict(list(masks.items())[:1]), Sampling(1), noise, seed, engine))
+        run = measure(device, lambda: ours(window, data, masks, Sampling(samples), noise, seed, engine))
         errors = [relative_l2(run.result[i].map, reference.result[i].map) for i in masks]
         report.timed("amp", dtype, run, median_rel_l2=float(statistics.median(errors)), max_rel_l2=max(errors),
                      float32_over_amp_seconds=reference.seconds / run.seconds,

@@ -6,6 +6,7 @@
 #   1. mean aggregation, 2 samples: the study's way (whole-window graph, float32) versus ours with the
 #      backward mode measured on the GPU, in float32 and with fp16 autocast (goal: >= 3x faster than the
 #      study's way); Captum NoiseTunnel(Saliency) per instance as well; float32 means float32 (no TF32);
+#      ours also once without cuDNN's algorithm search, which ours turns on and (i) leaves off;
 #   2. one tile's forward and backward per precision and memory layout (benchmarks/tile_precision.py);
 #   3. seconds per instance at N = 50 samples, float32, bf16 and fp16, with the mixed-precision maps' error
 #      against float32.

@@ -36,15 +36,20 @@ BATCHED_MARGIN = 0.9  # "auto" batches only if that took at most this share of t
 
 
 @contextlib.contextmanager
-def exact_float32() -> Iterator[None]:
-    """Float32 convolutions in full precision on CUDA: cuDNN's TF32 default moved a tile's input gradient by
-    12 % (relative L2) on an H100 (benchmarks/tile_precision.py). Low-precision autocast runs are unaffected."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+def cudnn_setting(name: str, value: bool) -> Iterator[None]:
+    """`torch.backends.cudnn.<name> = value` inside the block, restored after it."""
+    previous = getattr(torch.backends.cudnn, name)
+    setattr(torch.backends.cudnn, name, value)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = previous
+        setattr(torch.backends.cudnn, name, previous)
+
+
+def exact_float32() -> contextlib.AbstractContextManager:
+    """Float32 convolutions in full precision on CUDA: cuDNN's TF32 default moved a tile's input gradient by
+    12 % (relative L2) on an H100 (benchmarks/tile_precision.py). Low-precision autocast runs are unaffected."""
+    return cudnn_setting("allow_tf32", False)
 
 
 class GradientError(RuntimeError):
@@ -96,6 +101,8 @@ class GradientEngine:
     targets per batch; `memory_budget_mb` lowers it further from the measured size of one tile's graph.
     `amp`: None (float32), "bf16" or "fp16" autocast of the forward pass (fp16 gradients are scaled).
     `max_maps`: the most instance maps held at once (None: all); see `smoothgrad_maps`.
+    `cudnn_search`: let cuDNN time its convolution algorithms per shape and keep the fastest (`cudnn.benchmark`,
+    which nnU-Net's predictor turns on too): every tile has one shape, so the search is paid once per process.
     """
 
     backward: str = "loop"
@@ -103,6 +110,7 @@ class GradientEngine:
     amp: str | None = None
     memory_budget_mb: float | None = None
     max_maps: int | None = None
+    cudnn_search: bool = True
     chosen: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -121,10 +129,11 @@ class GradientEngine:
     @contextlib.contextmanager
     def forward_pass(self, device: torch.device) -> Iterator[None]:
         """The context of a forward pass whose input gradients are taken: mixed precision, or true float32 (no
-        TF32) in float32 mode; convolutions keep only their weights (no weight gradient is ever asked for)."""
+        TF32) in float32 mode; cuDNN's algorithm search as `cudnn_search` says (`gradients` too); convolutions keep
+        only their weights (no weight gradient is ever asked for)."""
         precision = (exact_float32() if self.amp is None
                      else torch.autocast(device_type=device.type, dtype=AMP_DTYPES[self.amp]))
-        with precision, input_gradients_only():
+        with precision, cudnn_setting("benchmark", self.cudnn_search), input_gradients_only():
             yield
 
     def batch_size(self, graph_bytes: int, bytes_per_target: int) -> int:
@@ -149,7 +158,7 @@ class GradientEngine:
         """
         scale = FP16_GRADIENT_SCALE if self.amp == "fp16" else 1.0
         grad_outputs = grad_outputs.to(outputs.dtype) * scale if scale != 1.0 else grad_outputs.to(outputs.dtype)
-        with exact_float32():
+        with exact_float32(), cudnn_setting("benchmark", self.cudnn_search):
             if self.chosen is None and len(grad_outputs) > 1:
                 result = self._measure_and_choose(outputs, inputs, grad_outputs)
             elif self.chosen == "batched":

@@ -17,6 +17,8 @@ def test_benchmark_runs_every_part_and_its_maps_agree(tmp_path):
     assert result.exit_code == 0, result.output
     figures = json.loads((tmp_path / "figures.json").read_text())
     assert figures["setup"]["instances"] == 2 and figures["setup"]["mean_tiles_per_instance"] >= 1
+    warm_ups = figures["setup"]["warm_up_seconds"]  # every method's first call is kept out of its figures
+    assert set(warm_ups) == {"(i) study", "ours", "bf16", "fp16"} and all(s > 0 for s in warm_ups.values())
     mean = figures["mean"]
     assert mean["(ii) Captum NoiseTunnel(Saliency)"]["max_rel_difference"] < 1e-4  # same noise, same maps
     assert mean[next(k for k in mean if k.startswith("(iii) ours"))]["max_rel_difference"] < 1e-4

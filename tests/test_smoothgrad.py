@@ -111,31 +111,35 @@ def test_instance_outside_every_tile_gets_zero_map():
     assert not maps[3].any()
 
 
-class _RecordTF32(torch.autograd.Function):
-    """Identity that records cuDNN's TF32 switch in its forward and its backward pass."""
+class _RecordCudnn(torch.autograd.Function):
+    """Identity that records cuDNN's TF32 and algorithm-search switches in its forward and its backward pass."""
 
     seen: list = []
 
     @staticmethod
     def forward(ctx, x):
-        _RecordTF32.seen.append(("forward", torch.backends.cudnn.allow_tf32))
+        _RecordCudnn.seen.append(("forward", torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark))
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        _RecordTF32.seen.append(("backward", torch.backends.cudnn.allow_tf32))
+        _RecordCudnn.seen.append(("backward", torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark))
         return grad
 
 
-@pytest.mark.parametrize("amp, tf32_in_forward", [(None, False), ("bf16", True)])
-def test_float32_gradients_run_without_tf32(monkeypatch, amp, tf32_in_forward):
-    """Float32 maps are float32 on CUDA: TF32 is off in the forward and backward passes, and restored after."""
+@pytest.mark.parametrize("amp, tf32_in_forward, search", [(None, False, True), ("bf16", True, True),
+                                                          (None, False, False)])
+def test_cudnn_switches_in_gradient_passes(monkeypatch, amp, tf32_in_forward, search):
+    """Float32 maps are float32 on CUDA (TF32 off in the forward and backward passes), cuDNN's algorithm search
+    follows the engine in both, and both switches are restored after."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(_RecordTF32, "seen", [])
-    engine = GradientEngine("loop", amp=amp)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not search)
+    monkeypatch.setattr(_RecordCudnn, "seen", [])
+    engine = GradientEngine("loop", amp=amp, cudnn_search=search)
     x = torch.ones(3, requires_grad=True)
     with engine.forward_pass(torch.device("cpu")):
-        y = _RecordTF32.apply(x)
+        y = _RecordCudnn.apply(x)
     engine.gradients(y, [x], torch.eye(3))
-    assert _RecordTF32.seen == [("forward", tf32_in_forward)] + [("backward", False)] * 3
+    assert _RecordCudnn.seen == [("forward", tf32_in_forward, search)] + [("backward", False, search)] * 3
     assert torch.backends.cudnn.allow_tf32 is True
+    assert torch.backends.cudnn.benchmark is (not search)
