@@ -462,7 +462,8 @@ def _amp_part(report, window, data, masks, noise, seed, samples, amp, device) ->
                      seconds_per_instance=run.seconds / len(masks))
 
 
-def _integers(text: str) -> tuple[int, ...]:
+def integers(text: str) -> tuple[int, ...]:
+    """"32,64,128" -> (32, 64, 128), for comma-separated options."""
     return tuple(int(v) for v in text.split(","))
 
 
@@ -517,7 +518,7 @@ def main(workdir, case, cases, seed, spacing, instances, features, convs, patch,
     if unknown:
         raise click.BadParameter(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}", param_hint="--parts")
     with exact_float32():
-        record = run_benchmark(workdir, case, cases, seed, spacing, instances, _integers(features), convs, patch,
+        record = run_benchmark(workdir, case, cases, seed, spacing, instances, integers(features), convs, patch,
                                device, threads, tta, samples, noise, selected, backward, max_voxels, auto_instances, tol,
                                max_samples, fixed_samples, reference_samples, tuple(a for a in amp.split(",") if a),
                                ours_amp, weights, max_maps or None)

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import torch
 
-from benchmarks.explain_benchmark import cpu_plan_network
+from benchmarks.explain_benchmark import cpu_plan_network, integers
 from nnxai.smoothgrad import AMP_DTYPES
 
 PRECISIONS = ("fp32", "tf32", *AMP_DTYPES)
@@ -66,7 +66,7 @@ def main(features: str, convs: int, patch: int, device: str, repeats: int, json_
     """Time one tile's forward and backward pass per precision and memory layout."""
     device = torch.device(device)
     torch.backends.cudnn.benchmark = True
-    network = cpu_plan_network(tuple(int(f) for f in features.split(",")), convs, (patch,) * 3, 0).to(device)
+    network = cpu_plan_network(integers(features), convs, (patch,) * 3, 0).to(device)
     tile = torch.randn((1, 2) + (patch,) * 3, generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.zeros((patch,) * 3, device=device)
     quarter = patch // 4

@@ -1,9 +1,12 @@
-"""Fast smoke runs of the benchmark scripts: tiny networks, a 4 mm phantom, two instances, every comparison."""
+"""Fast smoke runs of the benchmark scripts (tiny networks, a 4 mm phantom, every comparison) and the properties
+the noise designs rest on."""
 import json
 
+import pytest
+import torch
 from click.testing import CliRunner
 
-from benchmarks import tile_precision
+from benchmarks import noise_designs, tile_precision
 from benchmarks.explain_benchmark import main, spread
 from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
@@ -47,3 +50,45 @@ def test_tile_precision_times_every_variant_against_float32(tmp_path):
     assert rows["fp32", False]["gradient_rel_l2"] == 0 and rows["fp32", True]["gradient_rel_l2"] < 1e-5
     assert 1e-3 < rows["bf16", False]["gradient_rel_l2"] < 1  # autocast did run in low precision
     assert all(row["forward_s"] > 0 and row["backward_s"] > 0 for row in rows.values())
+
+
+@pytest.mark.parametrize("name", [name for name, split in noise_designs.DESIGNS.items() if split is not None])
+def test_noise_design_blocks_are_independent_gaussians_of_the_draw(name):
+    """Blocks sum to the draw and are orthogonal, so every sign pattern is again white Gaussian noise."""
+    noise = torch.randn(2, 8, 6, 5, generator=torch.Generator().manual_seed(0))
+    blocks = noise_designs.DESIGNS[name](noise)
+    torch.testing.assert_close(sum(blocks), noise, atol=1e-5, rtol=0)
+    for a in range(len(blocks)):
+        for b in range(a + 1, len(blocks)):
+            assert abs(float((blocks[a] * blocks[b]).sum())) < 1e-3 * float(noise.square().sum())
+    samples = noise_designs.group(noise, noise_designs.DESIGNS[name])
+    assert len(samples) == 2 ** len(blocks) and torch.stack(samples).mean(0).abs().max() < 1e-5
+    assert all(torch.allclose(s.square().sum(), noise.square().sum(), rtol=1e-4) for s in samples)
+
+
+def test_sign_designs_cancel_a_gradient_linear_in_the_noise():
+    """Gradient = clean + linear(noise): every sign design's group mean is exact, independent draws are not."""
+    torch.manual_seed(0)
+    convolution = torch.nn.Conv3d(2, 2, 3, padding=1)
+    clean = torch.randn(2, 8, 6, 5)
+
+    def gradient(draw):
+        with torch.no_grad():
+            return clean + convolution(draw[None])[0]
+
+    errors = {name: noise_designs.relative_error_per_sample(gradient, tuple(clean.shape), 0.5, split, 16,
+                                                            torch.Generator().manual_seed(1))
+              for name, split in noise_designs.DESIGNS.items()}
+    assert errors.pop("independent") > 0.05
+    assert all(error < 1e-5 for error in errors.values()), errors
+
+
+def test_noise_designs_command_reports_every_design(tmp_path):
+    arguments = ["--workdir", str(tmp_path), "--cases", "4", "--case", "phantom_001", "--spacing", "4",
+                 "--features", "4,8", "--convs", "1", "--patch", "16", "--instances", "1", "--min-size", "1",
+                 "--samples", "16", "--threads", "1", "--json", str(tmp_path / "designs.json")]
+    result = CliRunner().invoke(noise_designs.main, arguments)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "designs.json").read_text())["rows"]
+    assert [row["design"] for row in rows] == list(noise_designs.DESIGNS)
+    assert all(row["relative_error_per_sample"] > 0 and row["samples_for_tol"] >= 1 for row in rows)
