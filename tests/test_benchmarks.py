@@ -2,12 +2,13 @@
 the noise designs rest on."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from benchmarks import noise_designs, tile_precision
-from benchmarks.explain_benchmark import main, spread
+from benchmarks.explain_benchmark import main, spread, tile_sharing_pair
 from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 
@@ -92,3 +93,9 @@ def test_noise_designs_command_reports_every_design(tmp_path):
     rows = json.loads((tmp_path / "designs.json").read_text())["rows"]
     assert [row["design"] for row in rows] == list(noise_designs.DESIGNS)
     assert all(row["relative_error_per_sample"] > 0 and row["samples_for_tol"] >= 1 for row in rows)
+
+
+def test_warm_up_pair_is_the_smallest_that_shares_a_tile():
+    masks = {1: np.ones(2), 2: np.ones(3), 3: np.ones(5), 4: np.ones(9)}
+    assert tile_sharing_pair(masks, {1: {0}, 2: {1}, 3: {1, 2}, 4: {0}}) == [2, 3]  # 8 voxels, not 1 + 4 = 11
+    assert tile_sharing_pair(masks, {1: {0}, 2: {1}, 3: {2}, 4: {3}}) == [1, 2]  # no tile shared: the smallest
