@@ -149,14 +149,9 @@ def tile_sharing_pair(masks: dict, tiles_of: dict) -> list[int]:
     """The two instances of fewest voxels in all that share a tile (else the smallest ones): backward "auto" can
     time its two modes only on a tile that holds two targets."""
     by_size = sorted(masks, key=lambda i: masks[i].sum())
-    sharing = [(a, b) for n, a in enumerate(by_size) for b in by_size[n + 1:] if tiles_of[a] & tiles_of[b]]
+    sharing = [(a, b) for n, a in enumerate(by_size) for b in by_size[n + 1:]
+               if any(tile in tiles_of[b] for tile in tiles_of[a])]
     return list(min(sharing, key=lambda p: masks[p[0]].sum() + masks[p[1]].sum())) if sharing else by_size[:2]
-
-
-def warm_up(device: torch.device, function: Callable[[], object]) -> float:
-    """Seconds of an untimed first call, so that what a long run pays once (CUDA kernel loading, cuDNN's
-    algorithm search per shape and precision) stays out of the timings that follow."""
-    return measure(device, function).seconds
 
 
 def phantom_case(workdir: Path, case: str, cases: int, seed: int,
@@ -295,6 +290,11 @@ class Report:
     def line(self, text: str = "") -> None:
         click.echo(text)
 
+    def warm_up(self, name: str, device: torch.device, function: Callable[[], object]) -> None:
+        """Run and record (seconds) an untimed first call, so that what a long run pays once (CUDA kernel loading,
+        cuDNN's algorithm search per shape and precision) stays out of the timings that follow."""
+        self.record.setdefault("setup", {}).setdefault("warm_up_seconds", {})[name] = measure(device, function).seconds
+
     def timed(self, part: str, name: str, measured: Measured, **extra) -> None:
         self.record.setdefault(part, {})[name] = {"seconds": measured.seconds, "cpu_seconds": measured.cpu_seconds,
                                                  "peak_mb": measured.peak_mb, **extra}
@@ -331,8 +331,7 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
     network = network.to(device)
     window = SlidingWindow([network], (patch,) * 3, mirror_axes=(0, 1, 2) if tta else None, device=device)
     layout = window.layout(data.shape[1:])
-    tiles_of = {i: {k for k, tile in enumerate(layout.tiles) if window.padded_mask(m)[tile].any()}
-                for i, m in masks.items()}
+    tiles_of = {i: layout.tiles_touching(window.padded_mask(m)) for i, m in masks.items()}
     tiles_per_instance = [len(tiles) for tiles in tiles_of.values()]
     sigma = noise_sigma(data, noise)
     with saved_graph_bytes() as graph_bytes:
@@ -351,10 +350,9 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
                 f"TTA {'on' if tta else 'off'}")
     engine = GradientEngine(backward, max_batch=16, max_maps=max_maps)
     pair = {i: masks[i] for i in tile_sharing_pair(masks, tiles_of)}
-    report.record["setup"]["warm_up_seconds"] = {
-        "(i) study": warm_up(device, lambda: study_mean(window, data, pair, sigma, seed, 1)),
-        # the backward mode, if "auto", is measured here, once per run, as `nnxai explain` does
-        "ours": warm_up(device, lambda: ours(window, data, pair, Sampling(1), noise, seed, engine))}
+    report.warm_up("(i) study", device, lambda: study_mean(window, data, pair, sigma, seed, 1))
+    # the backward mode, if "auto", is measured here, once per run, as `nnxai explain` does
+    report.warm_up("ours", device, lambda: ours(window, data, pair, Sampling(1), noise, seed, engine))
     if backward == "auto":
         report.record["setup"]["backward_seconds"] = dict(engine.timings)
         report.line(f"backward mode by measurement: {engine.chosen} "
@@ -384,10 +382,9 @@ def _mean_part(report, window, data, masks, sigma, noise, seed, samples, engine,
     report.timed("mean", f"(iii) ours (backward {engine.chosen}, {engine.max_maps or 'all'} maps at a time)", mine,
                  max_rel_difference=mine.result)
     one = dict(list(masks.items())[:1])
-    warm_ups = report.record["setup"]["warm_up_seconds"]
     if device.type == "cuda":  # the search only exists in cuDNN
         plain = GradientEngine(engine.chosen, engine.max_batch, max_maps=engine.max_maps, cudnn_search=False)
-        warm_ups["ours, search off"] = warm_up(device, lambda: ours(window, data, one, Sampling(1), noise, seed, plain))
+        report.warm_up("ours, search off", device, lambda: ours(window, data, one, Sampling(1), noise, seed, plain))
         no_search = measure(device, lambda: ours_streamed(window, data, masks, Sampling(samples), noise, seed, plain,
                                                           study.result))
         report.timed("mean", "(iii) ours, cuDNN algorithm search off", no_search, max_rel_difference=no_search.result,
@@ -398,7 +395,7 @@ def _mean_part(report, window, data, masks, sigma, noise, seed, samples, engine,
               "seconds_per_instance_per_sample": mine.seconds / (len(masks) * samples)}
     if ours_amp:
         amp_engine = GradientEngine(engine.chosen, engine.max_batch, amp=ours_amp)
-        warm_ups[ours_amp] = warm_up(device, lambda: ours(window, data, one, Sampling(1), noise, seed, amp_engine))
+        report.warm_up(ours_amp, device, lambda: ours(window, data, one, Sampling(1), noise, seed, amp_engine))
         mixed = measure(device, lambda: ours(window, data, masks, Sampling(samples), noise, seed, amp_engine))
         report.timed("mean", f"(iv) ours, {ours_amp} autocast", mixed,
                      max_rel_difference=largest_difference(mixed.result, study.result))
@@ -464,8 +461,8 @@ def _amp_part(report, window, data, masks, noise, seed, samples, amp, device) ->
     report.timed("amp", "float32", reference, seconds_per_instance=reference.seconds / len(masks))
     for dtype in amp:
         engine = GradientEngine("loop", amp=dtype)
-        report.record["setup"]["warm_up_seconds"][dtype] = warm_up(
-            device, lambda: ours(window, data, dict(list(masks.items())[:1]), Sampling(1), noise, seed, engine))
+        report.warm_up(dtype, device, lambda: ours(window, data, dict(list(masks.items())[:1]), Sampling(1), noise,
+                                                     seed, engine))
         run = measure(device, lambda: ours(window, data, masks, Sampling(samples), noise, seed, engine))
         errors = [relative_l2(run.result[i].map, reference.result[i].map) for i in masks]
         report.timed("amp", dtype, run, median_rel_l2=float(statistics.median(errors)), max_rel_l2=max(errors),

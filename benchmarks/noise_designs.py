@@ -40,8 +40,7 @@ def by_channel(noise: torch.Tensor) -> list[torch.Tensor]:
 
 
 def by_checkerboard(noise: torch.Tensor) -> list[torch.Tensor]:
-    parity = sum(torch.arange(n).view(*[-1 if a == axis else 1 for a in range(3)])
-                 for axis, n in enumerate(noise.shape[1:])) % 2
+    parity = torch.from_numpy(np.indices(noise.shape[1:]).sum(0) % 2)
     return [noise * (parity == p) for p in (0, 1)]
 
 
@@ -74,13 +73,13 @@ def group(noise: torch.Tensor, split: Split | None) -> list[torch.Tensor]:
 def relative_error_per_sample(gradient: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...],
                               sigma: float, split: Split | None, samples: int, generator: torch.Generator) -> float:
     """Relative standard error of the mean map of one sample's worth of this design (about `samples` used)."""
-    means = []
-    size = len(group(torch.zeros(shape), split))
-    for _ in range(max(2, samples // size)):
+    means, used = [], 0
+    while used < samples or len(means) < 2:
         draws = group(torch.randn(shape, generator=generator) * sigma, split)
         means.append(torch.stack([gradient(draw) for draw in draws]).mean(0))
+        used += len(draws)
     stacked = torch.stack(means)
-    return float(stacked.var(0).sum().sqrt() / stacked.mean(0).norm() * math.sqrt(size))
+    return float(stacked.var(0).sum().sqrt() / stacked.mean(0).norm() * math.sqrt(len(draws)))
 
 
 def centred_tile(shape: tuple[int, ...], mask: np.ndarray, patch: int) -> tuple[slice, ...]:
