@@ -3,7 +3,7 @@
 nnU-Net itself loads checkpoints with `torch.load(weights_only=False)`, i.e. full unpickling, which
 runs whatever callable the file names. nnxai unpickles with `weights_only=True` (tensors and plain
 Python containers only) plus the few numpy types that nnU-Net's trainer really writes, and refuses
-everything else unless the user says they trust the file (`--trust-checkpoint`).
+everything else unless the user says they trust the file (`--trust-model`, formerly `--trust-checkpoint`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 # Keys `nnUNetPredictor.initialize_from_trained_model_folder` reads; `inference_allowed_mirroring_axes`
 # is optional there (older checkpoints lack it), so it is not required here either.
 REQUIRED_KEYS = ("network_weights", "init_args", "trainer_name")
-TRUST_FLAG = "--trust-checkpoint"  # the CLI flag that sets trust=True
+TRUST_FLAG = "--trust-model"  # the CLI flag that sets trust=True (alias --trust-checkpoint)
 
 
 class CheckpointError(click.ClickException):

@@ -18,6 +18,7 @@ from torch import nn
 
 from nnxai.checkpoint import load_checkpoint
 from nnxai.environment import register_trainers
+from nnxai.model_safety import UnsafeModelError, check_model_names, find_trainer
 from nnxai.sliding_window import SlidingWindow
 
 
@@ -118,7 +119,11 @@ def _read_json(path: Path) -> dict:
 
 def load_model(folder: str | Path, folds: list[str] | None = None, checkpoint_name: str = "checkpoint_final.pth",
                trust_checkpoint: bool = False) -> LoadedModel:
-    """Load the networks of `folds` (default: all present) from an nnU-Net results folder, on the CPU."""
+    """Load the networks of `folds` (default: all present) from an nnU-Net results folder, on the CPU.
+
+    Checkpoints are unpickled safely and every name the plans, dataset.json and checkpoint give nnU-Net to
+    resolve is checked against allow-lists before anything is built; `trust_checkpoint` lifts both checks.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"{folder}: no such model folder")
@@ -127,9 +132,6 @@ def load_model(folder: str | Path, folds: list[str] | None = None, checkpoint_na
     folds = [str(f) for f in folds] if folds else available_folds(folder, checkpoint_name)
     if not folds:
         raise ModelError(f"{folder}: no fold_*/{checkpoint_name} found")
-    register_trainers()
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
     checkpoints, hashes = [], {}
     for fold in folds:
         path = folder / f"fold_{fold}" / checkpoint_name
@@ -140,8 +142,18 @@ def load_model(folder: str | Path, folds: list[str] | None = None, checkpoint_na
         hashes[fold] = _sha256(path)
     first = checkpoints[0]
     configuration = first["init_args"]["configuration"]
+    if configuration not in plans_manager.available_configurations:
+        raise ModelError(f"{folder / 'plans.json'}: no configuration {configuration!r}, which the checkpoint "
+                         f"was trained with (has {plans_manager.available_configurations})")
     configuration_manager = plans_manager.get_configuration(configuration)
-    trainer_class = recursive_find_trainer_class_by_name(first["trainer_name"])
+    register_trainers()
+    try:
+        if not trust_checkpoint:
+            check_model_names(folder, plans_manager.plans, configuration_manager.configuration, dataset_json,
+                              configuration)
+        trainer_class = find_trainer(first["trainer_name"], folder / f"fold_{folds[0]}" / checkpoint_name)
+    except UnsafeModelError as error:
+        raise ModelError(str(error)) from None
     networks = []
     for checkpoint in checkpoints:
         network = _build_network(trainer_class, plans_manager, configuration_manager, dataset_json)

@@ -198,7 +198,7 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path, global_name):
         load_checkpoint(path)
     message = refused.value.message
     assert "\n" not in message
-    assert str(path) in message and global_name in message and "--trust-checkpoint" in message
+    assert str(path) in message and global_name in message and "--trust-model" in message
     assert not marker.exists()
 
     load_checkpoint(path, trust=True)  # the same file, trusted: the payload is real and runs

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from nnxai.cli.options import trust_model_option
 from nnxai.evaluation import (CasePairing, EvaluationInputError, InstanceOptions, evaluate_folders,
                               write_evaluation)
 from nnxai.instances import CONNECTIVITIES, MATCHING_RULES
@@ -94,8 +95,7 @@ def evaluate(gt_dir: Path, pred_dir: Path, output: Path | None, connectivity: st
               show_default=True, help="Sliding-window step for model folders, as a fraction of the patch size.")
 @click.option("-chk", "--checkpoint", "checkpoint", default="checkpoint_final.pth", show_default=True,
               help="Checkpoint file name in the model folders' fold_* folders.")
-@click.option("--trust-checkpoint", is_flag=True,
-              help="Allow checkpoints holding arbitrary Python objects (runs their code: trusted sources only).")
+@trust_model_option
 @instance_options
 def compare(gt_dir: Path, entries: tuple[str, ...], output: Path, n_bootstrap: int, seed: int,
             images_dir: Path | None, device: str | None, disable_tta: bool, step_size: float, checkpoint: str,

@@ -15,6 +15,7 @@ import torch
 
 from nnxai.cli import LazyGroup
 from nnxai.cli.explain import resolve_device
+from nnxai.cli.options import trust_model_option
 from nnxai.experiments import ExperimentOutcome, case_files, experiment_folder, load_run_model, read_explain_run
 from nnxai.explain import ExplainSettings
 from nnxai.instances import CONNECTIVITIES, GROUPS, MATCHING_RULES, UNKNOWN_GROUP
@@ -58,8 +59,7 @@ def run_options(command):
                      help="Ground-truth labels folder [default: from run.json]."),
         click.option("-f", "folds", multiple=True, help="Folds [default: from run.json]."),
         click.option("-chk", "checkpoint", help="Checkpoint file name [default: from run.json]."),
-        click.option("--trust-checkpoint", is_flag=True,
-                     help="Allow checkpoints holding arbitrary Python objects (trusted sources only)."),
+        trust_model_option,
         click.option("-device", "--device", "device", type=click.Choice(["cpu", "cuda", "mps"]),
                      default="cuda" if torch.cuda.is_available() else "cpu",
                      show_default="cuda if available, else cpu"),

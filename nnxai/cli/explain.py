@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 import torch
 
+from nnxai.cli.options import trust_model_option
 from nnxai.explain import (DEFAULT_MAX_MAPS, METHODS, CaseError, ComputeOptions, ExplainSettings, explain_cohort,
                            prepare_output_folder)
 from nnxai.gradcampp import VARIANTS
@@ -110,8 +111,7 @@ def parse_samples(_ctx, _param, value: str) -> int | str:
 @click.option("--iou-threshold", type=click.FloatRange(0, 1), default=0.25, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (per case: seed and case name).")
 @click.option("--overwrite", is_flag=True, help="Redo finished cases (default: skip them, so runs resume).")
-@click.option("--trust-checkpoint", is_flag=True,
-              help="Allow checkpoints holding arbitrary Python objects (runs their code: trusted sources only).")
+@trust_model_option
 def explain(images, out, model_dir, dataset, configuration, trainer, plans, folds, checkpoint, device, step_size,
             disable_tta, num_parts, part_id, gt_dir, methods, samples, tol, max_samples, antithetic, aggregation,
             layer, gradcampp_variant, normalize, amp, backward, max_batch, memory_budget, max_maps, noise, threshold,
@@ -128,12 +128,12 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
     if model_dir is None and not os.environ.get("nnUNet_results"):
         raise click.UsageError("-d needs the environment variable nnUNet_results (nnU-Net's trained models folder); "
                                "set it, or give the model folder with -m")
+    folder = model_dir or model_folder(dataset, configuration, trainer, plans)
+    model = load_model(folder, list(folds) or None, checkpoint, trust_checkpoint)
     try:
         prepare_output_folder(out)
     except CaseError as error:
         raise click.ClickException(str(error)) from None
-    folder = model_dir or model_folder(dataset, configuration, trainer, plans)
-    model = load_model(folder, list(folds) or None, checkpoint, trust_checkpoint)
     settings = ExplainSettings(methods=methods, samples=samples, noise=noise, aggregation=aggregation, tol=tol,
                                max_samples=max_samples, antithetic=antithetic, layer=layer,
                                gradcampp_variant=gradcampp_variant,

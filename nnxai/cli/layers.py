@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from nnxai.cli.options import trust_model_option
 from nnxai.gradcampp import LayerError, default_layer, valid_layers
 from nnxai.model import load_model, model_folder
 
@@ -16,8 +17,7 @@ from nnxai.model import load_model, model_folder
 @click.option("-tr", "trainer", default="nnUNetTrainer", show_default=True, help="Trainer class name.")
 @click.option("-p", "plans", default="nnUNetPlans", show_default=True, help="Plans identifier.")
 @click.option("-chk", "checkpoint", default="checkpoint_final.pth", show_default=True, help="Checkpoint file name.")
-@click.option("--trust-checkpoint", is_flag=True,
-              help="Allow checkpoints holding arbitrary Python objects (runs their code: trusted sources only).")
+@trust_model_option
 def layers(model_dir, dataset, configuration, trainer, plans, checkpoint, trust_checkpoint) -> None:
     """List the layers whose output Grad-CAM++ can use: name, channels, stride (input voxels per layer voxel)."""
     if model_dir is None and dataset is None:

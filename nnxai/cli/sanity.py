@@ -8,6 +8,7 @@ import click
 import torch
 
 from nnxai.cli.explain import resolve_device
+from nnxai.cli.options import trust_model_option
 from nnxai.sanity import ExplainRun, check_methods, load_run, select_instances
 
 existing_folder = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -24,9 +25,7 @@ def run_options(command):
                      show_default="cuda if available, else cpu"),
         click.option("--disable-tta", is_flag=True,
                      help="Predict without mirroring even if the explain run used it (faster, another model)."),
-        click.option("--trust-checkpoint", is_flag=True,
-                     help="Allow checkpoints holding arbitrary Python objects (runs their code: trusted sources "
-                          "only)."),
+        trust_model_option,
     ]
     for option in reversed(options):
         command = option(command)
