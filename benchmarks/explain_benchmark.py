@@ -56,8 +56,7 @@ from nnxai.instances import label_components
 from nnxai.plans import CPU_FEATURES, CPU_PATCH_SIZE, small_architecture
 from nnxai.sliding_window import SlidingWindow
 from nnxai.explain import DEFAULT_MAX_MAPS
-from nnxai.smoothgrad import (GradientEngine, Sampling, exact_float32, noise_sigma, saved_graph_bytes, smoothgrad_maps,
-                              tile_forward)
+from nnxai.smoothgrad import GradientEngine, Sampling, exact_float32, noise_sigma, smoothgrad_maps, tile_graph_bytes
 
 PARTS = ("mean", "max", "auto", "amp")
 QUICK_PARTS = ("mean", "max", "amp")  # a few minutes on 2 CPU cores; "auto" draws hundreds of samples
@@ -334,19 +333,18 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
     tiles_of = {i: layout.tiles_touching(window.padded_mask(m)) for i, m in masks.items()}
     tiles_per_instance = [len(tiles) for tiles in tiles_of.values()]
     sigma = noise_sigma(data, noise)
-    with saved_graph_bytes() as graph_bytes:
-        tile_forward(window, window.pad(data.to(device)), layout.tiles[0], 1, GradientEngine())
+    graph_bytes = tile_graph_bytes(window, window.pad(data.to(device)), layout.tiles[0], 1, GradientEngine())
     report.record["setup"] = {
         "case": case, "spacing_mm": spacing, "network_shape": list(data.shape[1:]), "instances": len(masks),
         "instance_voxels": sorted(int(m.sum()) for m in masks.values()), "tiles": len(layout.tiles),
         "mean_tiles_per_instance": float(np.mean(tiles_per_instance)), "patch": patch, "features": list(features),
         "convs_per_stage": convs, "weights": str(weights) if weights else "He initialization", "tta": tta,
         "device": str(device), "threads": threads, "noise": noise,
-        "tile_graph_mb": graph_bytes[0] / 2 ** 20, "torch": torch.__version__, "python": platform.python_version(),
+        "tile_graph_mb": graph_bytes / 2 ** 20, "torch": torch.__version__, "python": platform.python_version(),
         "processor": platform.processor() or platform.machine()}
     report.line(f"{case}: network input {tuple(data.shape[1:])} at {spacing:g} mm, {len(masks)} instances, "
                 f"{len(layout.tiles)} tiles of {patch}^3, {np.mean(tiles_per_instance):.2f} tiles per instance "
-                f"on average; one tile's graph {graph_bytes[0] / 2 ** 20:.0f} MB; {device}, {threads} thread(s), "
+                f"on average; one pass's graph {graph_bytes / 2 ** 20:.0f} MB; {device}, {threads} thread(s), "
                 f"TTA {'on' if tta else 'off'}")
     engine = GradientEngine(backward, max_batch=16, max_maps=max_maps)
     pair = {i: masks[i] for i in tile_sharing_pair(masks, tiles_of)}

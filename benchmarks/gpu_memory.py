@@ -1,8 +1,8 @@
 """Memory `nnxai explain` holds for the gradient of one sliding-window tile (GPU memory, or RAM with -device cpu).
 
-Gradients are taken one tile at a time; autograd keeps what the tile's forward passes saved (one pass per fold
-and per mirroring) until the backward pass, so that graph sets the peak (convolutions keep only their weights:
-nnxai.input_gradients). This script plans nnU-Net's default
+Gradients are taken one tile and one pass (fold network and mirroring) at a time; autograd keeps what that pass
+saved until its backward pass, so one pass's graph plus the weights of every fold set the peak, whatever the
+number of folds and mirrorings (convolutions keep only their weights: nnxai.input_gradients). This script plans nnU-Net's default
 3d_fullres network for a dataset of the given median shape and spacing (nnU-Net's own ExperimentPlanner on a
 stand-in fingerprint), runs one forward pass on the meta device (shapes only: no memory, no GPU needed) and adds
 up the tensors autograd saves. Counted this way, a 64^3 patch on the CPU saves exactly the bytes real tensors do.
@@ -86,7 +86,8 @@ def saved_bytes_per_pass(configuration: dict, channels: int, classes: int = 2) -
 @click.option("--spacing", nargs=3, type=float, default=(1.0, 1.0, 1.0), show_default=True, help="Median spacing, mm.")
 @click.option("--channels", type=int, default=2, show_default=True)
 def main(shape, spacing, channels) -> None:
-    """Print the memory one tile's gradient needs for each choice of folds and mirroring."""
+    """Print the memory one tile's gradient needs for each choice of folds and mirroring (the same for both:
+    passes are differentiated one at a time; only the folds' weights add up)."""
     configuration = default_plan(tuple(shape), tuple(spacing), channels)
     saved, weights, parameters = saved_bytes_per_pass(configuration, channels)
     activations = saved - weights
@@ -95,10 +96,10 @@ def main(shape, spacing, channels) -> None:
     print(f"3d_fullres plan: patch {'x'.join(map(str, patch))}, {len(features)} stages, "
           f"features {features[0]}-{features[-1]}, {parameters / 1e6:.1f} M parameters")
     print(f"one forward pass saves {activations / GIB:.2f} GiB of activations and {weights / GIB:.2f} GiB of weights")
-    print("folds  mirroring   graph of one tile")
+    print("folds  mirroring   one pass's graph and all folds' weights")
     for folds in (1, 5):
-        for mirrorings, label in ((1, "off"), (MIRRORINGS, f"on ({MIRRORINGS})")):
-            print(f"{folds:<6} {label:<11} {(folds * (mirrorings * activations + weights)) / GIB:6.1f} GiB")
+        for label in ("off", f"on ({MIRRORINGS})"):
+            print(f"{folds:<6} {label:<11} {(activations + folds * weights) / GIB:6.1f} GiB")
     padded = np.maximum(shape, patch)
     print(f"plus per instance at most {channels * int(np.prod(padded)) * 4 / 2 ** 20:.0f} MiB "
           f"(its gradient over the tiles it touches, float32)")

@@ -7,8 +7,9 @@ in that tile (tile logits x tile weight inside the instance) are taken with resp
 tiles are then put back together the way the logits are: activations are blended with the tiles'
 Gaussian weights (each tile's weight over the summed weights, so overlaps average), gradients add up
 (each already carries its tile's weight through the target). Mirroring TTA is treated the same way
-(activations un-flipped and averaged over flips, gradients summed), and with several folds each
-fold's map is computed on its own network and the maps are averaged.
+(activations un-flipped and averaged over flips, gradients summed; each flip forwarded and differentiated
+on its own, so one pass's graph is held at a time), and with several folds each fold's map is computed on
+its own network and the maps are averaged.
 
 Weights ("monai" variant, MONAI's GradCAMpp, used by the study):
     alpha = g^2 / (2 g^2 + sum_space(A * g^3)),  w_c = sum_space(alpha * relu(g)),  map = relu(sum_c w_c A_c)
@@ -292,10 +293,8 @@ def _gather(window: SlidingWindow, network: nn.Module, layout: TileLayout, grid:
         for index, tile in enumerate(tqdm(layout.tiles, desc="Grad-CAM++", unit="tile", disable=not progress,
                                           leave=False)):
             inside = [i for i in regions if bool(masks[i][tile].any())]
-            captured.clear()
             tile_activations, tile_gradients = _tile_activations_and_gradients(
                 window, network, padded, layout, tile, [masks[i] for i in inside], captured, lesion_channel, engine)
-            captured.clear()  # frees the tile's graph
             placed = grid.places[index]
             activations[(slice(None), *placed)] += grid.weights[index] * tile_activations
             for i, gradient in zip(inside, tile_gradients):
@@ -311,18 +310,25 @@ def _tile_activations_and_gradients(window: SlidingWindow, network: nn.Module, p
                                     captured: list[torch.Tensor], lesion_channel: int,
                                     engine: GradientEngine) -> tuple[torch.Tensor, torch.Tensor | list]:
     """One tile through one network (all its mirrorings): the hooked layer's activations averaged over flips,
-    and for each mask the gradient of its share of the target with respect to them, summed over flips."""
+    and for each mask the gradient of its share of the target with respect to them, summed over flips.
+
+    Each mirroring is forwarded and differentiated on its own, its graph freed before the next: the target is
+    linear in the flips' logits, so memory holds one pass's graph whatever the number of flips."""
     flips = window.tile_flips
     tile_input = padded[(slice(None), *tile)].detach().requires_grad_(bool(masks))
-    with torch.set_grad_enabled(bool(masks)), engine.forward_pass(window.device):
-        logits = sum(_flip(network(_flip(tile_input, axes)[None])[0], axes) for axes in flips) / len(flips)
-    activations = sum(_flip(a[0].detach().float(), axes) for a, axes in zip(captured, flips)) / len(flips)
-    if not masks:
-        return activations, []
-    weight = layout.tile_weight(tile)
-    grad_outputs = torch.stack([m[tile] * weight for m in masks])
-    per_flip = engine.gradients(logits[lesion_channel].float(), captured, grad_outputs)
-    return activations, sum(_flip(g[:, 0].float(), tuple(a + 1 for a in axes)) for g, axes in zip(per_flip, flips))
+    grad_outputs = torch.stack([m[tile] * layout.tile_weight(tile) for m in masks]) if masks else None
+    activations, gradients = [], []
+    for axes in flips:
+        captured.clear()
+        with torch.set_grad_enabled(bool(masks)), engine.forward_pass(window.device):
+            logits = window.predict_pass(tile_input, network, axes) / len(flips)
+        activations.append(_flip(captured[0][0].detach().float(), axes))
+        if masks:
+            (gradient,) = engine.gradients(logits[lesion_channel].float(), captured, grad_outputs)
+            gradients.append(_flip(gradient[:, 0].float(), tuple(a + 1 for a in axes)))
+        del logits
+        captured.clear()  # frees the pass's graph
+    return sum(activations) / len(flips), sum(gradients) if masks else []
 
 
 def _flip(tensor: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:

@@ -96,17 +96,26 @@ class SlidingWindow:
         axes = [axis + 1 for axis in self.mirror_axes]
         return [()] + [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
 
+    @property
+    def passes(self) -> list[tuple[nn.Module, tuple[int, ...]]]:
+        """Every (fold network, mirroring) whose logits a tile's prediction averages, in nnU-Net's order."""
+        return [(network, axes) for network in self.networks for axes in self.tile_flips]
+
+    @staticmethod
+    def predict_pass(tile_input: torch.Tensor, network: nn.Module, axes: tuple[int, ...]) -> torch.Tensor:
+        """Logits (K, *patch) of one (C, *patch) tile through one network, mirrored along `axes` and back."""
+        flipped = torch.flip(tile_input, axes) if axes else tile_input
+        out = network(flipped[None])[0]
+        return torch.flip(out, axes) if axes else out
+
     def predict_tile(self, tile_input: torch.Tensor) -> torch.Tensor:
         """Logits (K, *patch) of one (C, *patch) tile: mean over folds and over all mirrorings."""
-        flips = self.tile_flips
+        passes = self.passes
         total = None
-        for network in self.networks:
-            for axes in flips:
-                flipped = torch.flip(tile_input, axes) if axes else tile_input
-                out = network(flipped[None])[0]
-                out = torch.flip(out, axes) if axes else out
-                total = out if total is None else total + out
-        return total / (len(self.networks) * len(flips))
+        for network, axes in passes:
+            out = self.predict_pass(tile_input, network, axes)
+            total = out if total is None else total + out
+        return total / len(passes)
 
     def blended_tiles(self, padded: torch.Tensor, layout: TileLayout, tiles: Sequence[Slices] | None = None,
                       cache: dict | None = None) -> Iterator[tuple[Slices, torch.Tensor]]:

@@ -4,8 +4,10 @@ The target of an instance is the raw lesion-class logit of nnU-Net's blended sli
 prediction, summed over the instance's voxels ("mean" aggregation) or taken voxel by voxel ("max"
 aggregation). Because blending is linear, a target is a sum over tiles of `weight_t * tile_logits_t`,
 so its gradient is the sum of per-tile gradients: we forward one tile, take the gradients of every
-target that has voxels in it, free the tile's graph and go on. Memory stays at one tile's graph plus
-one batch of gradients, and tiles that touch no instance are skipped.
+target that has voxels in it, free the tile's graph and go on. A tile's logits are in turn the mean
+over folds and mirrorings, so each such pass is forwarded and differentiated on its own and the passes'
+gradients add up. Memory stays at one network's graph of one tile plus one batch of gradients, whatever
+the number of folds and mirrorings, and tiles that touch no instance are skipped.
 
 How the backward passes run (one at a time or batched with `is_grads_batched`, chosen by measurement
 when asked), mixed precision and the batch size live in `GradientEngine`; they change how fast the
@@ -17,11 +19,12 @@ import contextlib
 import math
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from nnxai.input_gradients import input_gradients_only
@@ -183,15 +186,25 @@ class GradientEngine:
             start = time.perf_counter()
             try:
                 backward(outputs, inputs, trial)
-                _synchronize(outputs.device)
-                self.timings[mode] = time.perf_counter() - start
-            except RuntimeError:  # an operation without a batching rule: the loop always works
+            except RuntimeError as error:
+                if mode != "batched" or not _lacks_batching_rule(error):
+                    raise  # out of memory, or anything else that would break the run's other passes too
                 self.timings[mode] = math.inf
+                continue
+            _synchronize(outputs.device)
+            self.timings[mode] = time.perf_counter() - start
         self.chosen = "batched" if self.timings["batched"] <= BATCHED_MARGIN * self.timings["loop"] else "loop"
         if len(rest):
             remaining = (_batched if self.chosen == "batched" else _loop)(outputs, inputs, rest)
             result = [torch.cat([done, more]) for done, more in zip(result, remaining)]
         return result
+
+
+def _lacks_batching_rule(error: RuntimeError) -> bool:
+    """An operation of the network that vmap, and so a batched backward, cannot run (the loop can)."""
+    message = str(error)
+    return not isinstance(error, torch.OutOfMemoryError) and ("vmap" in message
+                                                               or "batching rule" in message.lower())
 
 
 def _loop(outputs: torch.Tensor, inputs: Sequence[torch.Tensor], grad_outputs: torch.Tensor) -> list[torch.Tensor]:
@@ -478,20 +491,23 @@ def local_slices(tile: Slices, region: Slices) -> Slices:
     return tuple(slice(t.start - r.start, t.stop - r.start) for t, r in zip(tile, region))
 
 
-def tile_forward(window: SlidingWindow, padded: torch.Tensor, tile: Slices, lesion_channel: int,
-                 engine: GradientEngine) -> tuple[torch.Tensor, torch.Tensor]:
-    """A tile's input (a fresh leaf requiring grad) and its float32 lesion logits (unweighted)."""
+def pass_forward(window: SlidingWindow, padded: torch.Tensor, tile: Slices, network: nn.Module,
+                 axes: tuple[int, ...], lesion_channel: int, engine: GradientEngine
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tile's input (a fresh leaf requiring grad) and one pass's share of its float32 lesion logits (unweighted):
+    the pass's logits over the number of passes, so that the shares of all passes add up to the tile's logits."""
     tile_input = padded[(slice(None), *tile)].detach().requires_grad_(True)
     with engine.forward_pass(window.device):
-        logits = window.predict_tile(tile_input)
-    return tile_input, logits[lesion_channel].float()
+        logits = window.predict_pass(tile_input, network, axes)
+    return tile_input, logits[lesion_channel].float() / len(window.passes)
 
 
 def tile_graph_bytes(window: SlidingWindow, padded: torch.Tensor, tile: Slices, lesion_channel: int,
                      engine: GradientEngine) -> int:
-    """Bytes of one tile's autograd graph (all tiles have the same size), measured on `tile`."""
+    """Bytes of one pass's autograd graph on one tile (all tiles and passes have the same size), measured on `tile`."""
+    network, axes = window.passes[0]
     with saved_graph_bytes() as total:
-        tile_forward(window, padded, tile, lesion_channel, engine)
+        pass_forward(window, padded, tile, network, axes, lesion_channel, engine)
     return total[0]
 
 
@@ -505,8 +521,19 @@ class _Tiles:
     engine: GradientEngine
     graph_bytes: int
 
-    def forward(self, padded: torch.Tensor, tile: Slices) -> tuple[torch.Tensor, torch.Tensor]:
-        return tile_forward(self.window, padded, tile, self.lesion_channel, self.engine)
+    def add_gradients(self, padded: torch.Tensor, tile: Slices, batches: Sequence[Sequence],
+                      grad_outputs: Callable[[Sequence], torch.Tensor],
+                      add: Callable[[Sequence, torch.Tensor], None]) -> None:
+        """For each batch, `add(batch, gradients)` once per fold and mirroring pass of `tile`: the gradients
+        (k, C, *patch) of the batch's targets `grad_outputs(batch)` through that pass. The passes' gradients sum
+        to the tile's; each pass's graph is freed before the next one is built."""
+        for network, axes in self.window.passes:
+            tile_input, lesion_logits = pass_forward(self.window, padded, tile, network, axes, self.lesion_channel,
+                                                     self.engine)
+            for batch in batches:
+                (gradients,) = self.engine.gradients(lesion_logits, [tile_input], grad_outputs(batch))
+                add(batch, gradients)
+            del tile_input, lesion_logits  # before the next pass's forward, not after it
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -533,14 +560,15 @@ def _mean_sample(tiles: _Tiles, padded: torch.Tensor, active: Sequence[_Instance
 
 def _mean_tile(tiles: _Tiles, padded: torch.Tensor, tile: Slices, inside: Sequence[_InstanceWork], batch_size: int,
                sample_maps: dict[int, torch.Tensor]) -> None:
-    """Forward one tile and add each inside instance's gradient; the tile's graph is freed on return."""
-    tile_input, lesion_logits = tiles.forward(padded, tile)
+    """Add each inside instance's gradient through one tile to its sample map."""
     weight = tiles.layout.tile_weight(tile)
-    for batch in _batches(inside, batch_size):
-        grad_outputs = torch.stack([w.mask[tile] * weight for w in batch])
-        (gradients,) = tiles.engine.gradients(lesion_logits, [tile_input], grad_outputs)
+
+    def add(batch: Sequence[_InstanceWork], gradients: torch.Tensor) -> None:
         for w, gradient in zip(batch, gradients):
             sample_maps[w.instance_id][(slice(None), *local_slices(tile, w.region))] += gradient
+
+    tiles.add_gradients(padded, tile, list(_batches(inside, batch_size)),
+                        lambda batch: torch.stack([w.mask[tile] * weight for w in batch]), add)
 
 
 def _max_sample(tiles: _Tiles, padded: torch.Tensor, active: Sequence[_InstanceWork],
@@ -566,15 +594,19 @@ def _max_sample(tiles: _Tiles, padded: torch.Tensor, active: Sequence[_InstanceW
 
 def _voxel_gradients(tiles: _Tiles, padded: torch.Tensor, tile: Slices,
                      positions: Sequence[tuple[int, ...]]) -> torch.Tensor:
-    """Gradients (k, C, *patch) of each voxel's share of its logit in `tile`; the graph is freed on return."""
-    tile_input, lesion_logits = tiles.forward(padded, tile)
+    """Gradients (k, C, *patch) of each voxel's share of its logit in `tile`."""
     weight = tiles.layout.tile_weight(tile)
-    grad_outputs = torch.zeros((len(positions), *lesion_logits.shape), device=padded.device)
+    grad_outputs = torch.zeros((len(positions), *tiles.window.patch_size), device=padded.device)
     for index, position in enumerate(positions):
         local = tuple(p - t.start for p, t in zip(position, tile))
         grad_outputs[(index, *local)] = weight[local]
-    (gradients,) = tiles.engine.gradients(lesion_logits, [tile_input], grad_outputs)
-    return gradients
+    total = torch.zeros((len(positions), padded.shape[0], *tiles.window.patch_size), device=padded.device)
+
+    def add(_batch, gradients: torch.Tensor) -> None:
+        total.add_(gradients)
+
+    tiles.add_gradients(padded, tile, [positions], lambda _batch: grad_outputs, add)
+    return total
 
 
 def _voxels_by_tiles(layout: TileLayout, active: Sequence[_InstanceWork]) -> Iterator[tuple[tuple[bool, ...], list]]:

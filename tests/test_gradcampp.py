@@ -17,6 +17,7 @@ from nnxai.gradcampp import (LayerError, _groups, check_layer, default_layer, gr
 from nnxai.sliding_window import SlidingWindow
 from nnxai.smoothgrad import GradientEngine
 from tests.conftest import tiny_unet
+from tests.graph_memory import peak_graph_bytes
 from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 from tests.fake_model import write_case, write_model_folder
 
@@ -270,3 +271,17 @@ def test_groups_fill_the_budget_in_order():
     regions = {1: (slice(0, 2), slice(0, 2)), 2: (slice(0, 1), slice(0, 2)), 3: (slice(0, 4), slice(0, 4))}
     assert _groups(regions, 1, budget=6) == [[1, 2], [3]]  # sizes 4, 2, 16: the oversized one alone
     assert _groups(regions, 1, budget=100) == [[1, 2, 3]]
+
+
+def test_mirrorings_are_differentiated_one_at_a_time():
+    """With 8 mirrorings the graphs held at once are one pass's, as without mirroring; the map is unchanged."""
+    shape = (10, 9, 8)
+    data = torch.randn(2, *shape, generator=torch.Generator().manual_seed(5))
+    masks = {1: np.zeros(shape, bool)}
+    masks[1][2:5, 3:6, 3:6] = True
+    peaks = {}
+    for mirror in ((0, 1, 2), None):
+        with peak_graph_bytes() as peak:
+            instance_gradcampp(SlidingWindow([tiny_unet(0)], (8, 8, 8), mirror_axes=mirror), data, masks)
+        peaks[mirror] = peak[0]
+    assert 0 < peaks[(0, 1, 2)] < 1.2 * peaks[None]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from nnxai import smoothgrad
 from nnxai.cli import main
 from nnxai.sliding_window import SlidingWindow
 from nnxai.smoothgrad import GradientEngine, GradientError, Sampling, noise_sigma, smoothgrad_maps
@@ -91,6 +92,32 @@ def test_auto_backward_measures_both_and_keeps_the_faster():
     assert engine.chosen == ("batched" if batched_pays else "loop")
     for instance_id in masks:
         np.testing.assert_allclose(auto[instance_id].map, loop[instance_id].map, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("failure,escapes", [
+    (RuntimeError("Batching rule not implemented for aten::weird_op"), False),
+    (RuntimeError("vmap: calling .item() on a Tensor is not supported"), False),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"), True),
+])
+def test_auto_backward_falls_back_only_when_batching_is_unsupported(monkeypatch, failure, escapes):
+    """A network vmap cannot batch runs looping; out of memory and other real errors stop the run."""
+    def batched(*_args):
+        raise failure
+    monkeypatch.setattr(smoothgrad, "_batched", batched)
+    window = SlidingWindow([tiny_unet()], (8, 8, 8))
+    data, masks = small_case()
+    engine = GradientEngine("auto")
+
+    def run():
+        return dict(smoothgrad_maps(window, data, masks, Sampling(1), noise=0.0, engine=engine))
+    if escapes:
+        with pytest.raises(type(failure), match=str(failure)[:20]):
+            run()
+        assert engine.chosen is None
+    else:
+        run()
+        assert engine.chosen == "loop" and engine.timings["batched"] == float("inf")
 
 
 def test_memory_budget_bounds_the_batch():

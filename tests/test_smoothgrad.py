@@ -7,6 +7,7 @@ from nnxai.sliding_window import SlidingWindow
 from nnxai.smoothgrad import (GradientEngine, Sampling, instance_smoothgrad, noise_generator, noise_sigma,
                               smoothgrad_maps)
 from tests.conftest import tiny_unet
+from tests.graph_memory import peak_graph_bytes
 
 
 def volume_and_masks():
@@ -143,3 +144,23 @@ def test_cudnn_switches_in_gradient_passes(monkeypatch, amp, tf32_in_forward, se
     assert _RecordCudnn.seen == [("forward", tf32_in_forward, search)] + [("backward", False, search)] * 3
     assert torch.backends.cudnn.allow_tf32 is True
     assert torch.backends.cudnn.benchmark is (not search)
+
+
+def test_folds_and_mirrorings_are_differentiated_one_pass_at_a_time():
+    """2 folds x 8 mirrorings: the maps still equal the whole-volume gradient of the ensemble's target, and the
+    graphs held at once are one network pass's, not the 16 passes' of a tile."""
+    data = torch.randn(2, 10, 9, 8, generator=torch.Generator().manual_seed(4))
+    masks = {1: np.zeros((10, 9, 8), bool)}
+    masks[1][2:5, 3:6, 4:7] = True
+    ensemble = SlidingWindow([tiny_unet(0), tiny_unet(1)], (8, 8, 8), mirror_axes=(0, 1, 2))
+    single = SlidingWindow([tiny_unet(0)], (8, 8, 8))
+    peaks, maps = {}, {}
+    for name, window in (("ensemble", ensemble), ("single", single)):
+        with peak_graph_bytes() as peak:
+            maps[name] = instance_smoothgrad(window, data, masks, samples=1, noise=0.0)
+        peaks[name] = peak[0]
+    for instance_id, mask in masks.items():
+        np.testing.assert_allclose(maps["ensemble"][instance_id], whole_volume_gradient(ensemble, data, mask),
+                                   rtol=1e-4, atol=1e-6)
+    assert len(ensemble.passes) == 16
+    assert 0 < peaks["ensemble"] < 1.2 * peaks["single"]
