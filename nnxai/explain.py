@@ -247,8 +247,9 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
     engine = engine or GradientEngine(amp=settings.amp)
     tensor = torch.from_numpy(data)
     logits = model.nnunet_logits(tensor, settings.step_size, settings.use_mirroring, device)
-    probability = probabilities_in_original_space(model, logits, properties)[settings.lesion_label]
-    prediction = probability > settings.threshold
+    probabilities = probabilities_in_original_space(model, logits, properties)
+    probability = probabilities[settings.lesion_label]
+    prediction = model.segment(probabilities, settings.lesion_label, settings.threshold)
     ground_truth = None if gt_file is None else read_ground_truth(model, gt_file, properties, settings.lesion_label)
     instances = case_instances(prediction, ground_truth, settings.connectivity, settings.min_size, settings.rule,
                                settings.iou_threshold)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 from nnunetv2.utilities.label_handling.label_handling import LabelManager, determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -75,6 +76,41 @@ class LoadedModel:
                                         self.configuration_manager, [n.state_dict() for n in self.networks],
                                         self.dataset_json, self.trainer_name, self.mirror_axes)
         return predictor.predict_logits_from_preprocessed_data(data).float()
+
+    def foreground_labels(self) -> dict[int, str]:
+        """Foreground label ids -> names, from dataset.json."""
+        return {int(value): name for name, value in self.dataset_json["labels"].items()
+                if isinstance(value, int) and value != 0}
+
+    def resolve_label(self, requested: str | int | None = None) -> int:
+        """The label to explain: `requested` as id or name, or the only foreground label; one-line errors."""
+        labels = self.foreground_labels()
+        listing = ", ".join(f"{label_id} ({name})" for label_id, name in sorted(labels.items()))
+        if requested is None:
+            if len(labels) == 1:
+                return next(iter(labels))
+            raise ModelError(f"{self.folder / 'dataset.json'}: {len(labels)} foreground labels ({listing}); "
+                             "choose the one to explain with --label NAME|ID")
+        by_name = {name: label_id for label_id, name in labels.items()}
+        text = str(requested)
+        label = int(text) if text.isdigit() else by_name.get(text)
+        if label not in labels:
+            raise ModelError(f"--label {text}: not a foreground label of {self.folder / 'dataset.json'} "
+                             f"(has {listing})")
+        return label
+
+    def check_threshold(self, threshold: float) -> None:
+        """A probability threshold other than 0.5 is meaningful for two-class models only."""
+        _check_threshold(self.label_manager.num_segmentation_heads, threshold)
+
+    @staticmethod
+    def segment(probabilities: np.ndarray, label: int, threshold: float = 0.5) -> np.ndarray:
+        """Voxels segmented as `label` from (K, *spatial) probabilities: with two classes, probability > threshold
+        (0.5 is nnU-Net's argmax); with more, nnU-Net's argmax (the threshold must then be 0.5)."""
+        _check_threshold(len(probabilities), threshold)
+        if len(probabilities) == 2:
+            return probabilities[label] > threshold
+        return probabilities.argmax(0) == label
 
     def describe(self) -> dict:
         """What identifies this model in a run record."""
@@ -146,6 +182,7 @@ def load_model(folder: str | Path, folds: list[str] | None = None, checkpoint_na
         raise ModelError(f"{folder / 'plans.json'}: no configuration {configuration!r}, which the checkpoint "
                          f"was trained with (has {plans_manager.available_configurations})")
     configuration_manager = plans_manager.get_configuration(configuration)
+    _check_supported(folder, configuration, configuration_manager, plans_manager, dataset_json)
     register_trainers()
     try:
         if not trust_checkpoint:
@@ -157,11 +194,39 @@ def load_model(folder: str | Path, folds: list[str] | None = None, checkpoint_na
     networks = []
     for checkpoint in checkpoints:
         network = _build_network(trainer_class, plans_manager, configuration_manager, dataset_json)
-        network.load_state_dict(checkpoint["network_weights"])
+        network.load_state_dict(_uncompiled(checkpoint["network_weights"]))
         networks.append(network.eval())
     mirror_axes = first.get("inference_allowed_mirroring_axes")
     return LoadedModel(folder, folds, checkpoint_name, networks, plans_manager, configuration_manager, dataset_json,
                        first["trainer_name"], configuration, tuple(mirror_axes) if mirror_axes else None, hashes)
+
+
+def _check_threshold(classes: int, threshold: float) -> None:
+    if classes > 2 and threshold != 0.5:
+        raise ModelError(f"--threshold {threshold:g} applies to two-class models only; with {classes} classes "
+                         "the segmentation is nnU-Net's argmax")
+
+
+def _check_supported(folder: Path, configuration: str, configuration_manager: ConfigurationManager,
+                     plans_manager: PlansManager, dataset_json: dict) -> None:
+    """Refuse, in one line, configurations whose prediction nnxai does not reproduce."""
+    if len(configuration_manager.patch_size) != 3:
+        raise ModelError(f"{folder}: configuration {configuration!r} is 2D; nnxai explains 3D configurations "
+                         "(3d_fullres, 3d_lowres)")
+    if configuration_manager.configuration.get("previous_stage"):
+        raise ModelError(f"{folder}: configuration {configuration!r} is a cascade stage, whose input includes the "
+                         "previous stage's segmentation; explain that stage's 3d_lowres model or a 3d_fullres one")
+    if plans_manager.get_label_manager(dataset_json).has_regions:
+        raise ModelError(f"{folder / 'dataset.json'}: region-based labels (regions_class_order) are not supported; "
+                         "nnxai explains one label of a softmax model")
+
+
+def _uncompiled(weights: dict) -> dict:
+    """A state dict saved from a `torch.compile`d network has every key under `_orig_mod.`: drop that prefix."""
+    prefix = "_orig_mod."
+    if weights and all(key.startswith(prefix) for key in weights):
+        return {key.removeprefix(prefix): value for key, value in weights.items()}
+    return weights
 
 
 def _build_network(trainer_class, plans_manager: PlansManager, configuration_manager: ConfigurationManager,

@@ -101,8 +101,11 @@ def parse_samples(_ctx, _param, value: str) -> int | str:
                    "written before the next starts (same maps; one more forward pass per tile and group).")
 @click.option("--noise", type=click.FloatRange(min=0), default=0.05, show_default=True,
               help="Noise sigma as a fraction of the FLAIR range of the network input.")
+@click.option("--label", "label", metavar="NAME|ID",
+              help="Foreground label to explain, by dataset.json name or id [default: the only foreground label].")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Lesion probability above which a voxel is predicted lesion.")
+              help="Lesion probability above which a voxel is predicted lesion (two-class models; with more "
+                   "classes the segmentation is nnU-Net's argmax).")
 @click.option("--min-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Drop predicted components with fewer voxels (the study: 6).")
 @click.option("--connectivity", type=click.Choice([str(c) for c in CONNECTIVITIES]), default="18", show_default=True)
@@ -115,7 +118,7 @@ def parse_samples(_ctx, _param, value: str) -> int | str:
 def explain(images, out, model_dir, dataset, configuration, trainer, plans, folds, checkpoint, device, step_size,
             disable_tta, num_parts, part_id, gt_dir, methods, samples, tol, max_samples, antithetic, aggregation,
             layer, gradcampp_variant, normalize, amp, backward, max_batch, memory_budget, max_maps, noise, threshold,
-            min_size, connectivity, rule, iou_threshold, seed, overwrite, trust_checkpoint) -> None:
+            label, min_size, connectivity, rule, iou_threshold, seed, overwrite, trust_checkpoint) -> None:
     """Explain each lesion instance nnU-Net predicts (or misses, with --gt) in every case of -i."""
     if model_dir is None and dataset is None:
         raise click.UsageError("give a model: -m MODEL_FOLDER, or -d DATASET [-c -tr -p]")
@@ -130,6 +133,8 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
                                "set it, or give the model folder with -m")
     folder = model_dir or model_folder(dataset, configuration, trainer, plans)
     model = load_model(folder, list(folds) or None, checkpoint, trust_checkpoint)
+    lesion_label = model.resolve_label(label)
+    model.check_threshold(threshold)
     try:
         prepare_output_folder(out)
     except CaseError as error:
@@ -137,7 +142,8 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
     settings = ExplainSettings(methods=methods, samples=samples, noise=noise, aggregation=aggregation, tol=tol,
                                max_samples=max_samples, antithetic=antithetic, layer=layer,
                                gradcampp_variant=gradcampp_variant,
-                               normalize=normalize, amp=amp, threshold=threshold, min_size=min_size,
+                               normalize=normalize, amp=amp, threshold=threshold, lesion_label=lesion_label,
+                               min_size=min_size,
                                connectivity=int(connectivity), rule=rule, iou_threshold=iou_threshold, seed=seed,
                                step_size=step_size, use_mirroring=not disable_tta)
     compute = ComputeOptions(backward, max_batch, memory_budget, max_maps)
