@@ -185,8 +185,10 @@ def move_image(path, change):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda image: image.SetOrigin((-10.0, 20.0, 7.0)), r"origin \(-10.0, 20.0, 7.0\) differs from \(-10.0, 20.0, 5.0\)"),
-    (lambda image: image.SetDirection(np.eye(3).ravel().tolist()), r"direction \(1.0, -?0.0, .*\) differs from \(0.9659.*\)"),
+    (lambda image: image.SetOrigin((-10.0, 20.0, 7.0)),
+     r"origin \(-10.0, 20.0, 7.0\) differs from \(-10.0, 20.0, 5.0\)"),
+    (lambda image: image.SetDirection(np.eye(3).ravel().tolist()),
+     r"direction \(1.0, -?0.0, .*\) differs from \(0.9659.*\)"),
 ], ids=["origin", "direction"])
 def test_ground_truth_on_another_grid_is_refused(tmp_path, change, message):
     model = load_model(write_model_folder(tmp_path / "model"))
