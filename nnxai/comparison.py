@@ -140,13 +140,13 @@ def bootstrap_indices(n_cases: int, n_bootstrap: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n_cases, size=(n_bootstrap, n_cases))
 
 
-def statistic_replicates(per_case: pd.DataFrame,
-                         indices: np.ndarray) -> dict[tuple[str, str], tuple[float, np.ndarray]]:
+def statistic_replicates(per_case: pd.DataFrame, indices: np.ndarray,
+                         lesion_f1: str = "counts") -> dict[tuple[str, str], tuple[float, np.ndarray]]:
     """(metric, aggregate) -> (value on all cases, bootstrap replicates) for every compared metric."""
     all_cases = np.arange(len(per_case))[None]
     summed = {c: per_case[c].to_numpy(dtype=float)[np.concatenate([all_cases, indices])].sum(axis=1)
               for c in COUNT_COLUMNS}
-    pooled = {**summed, **metrics_from_counts(summed)}
+    pooled = {**summed, **metrics_from_counts(summed, lesion_f1)}
     result = {}
     for metric in COMPARED_METRICS:
         means = per_case[metric].to_numpy(dtype=float)[np.concatenate([all_cases, indices])].mean(axis=1)
@@ -181,16 +181,16 @@ class Comparison:
         return comparison_markdown(self)
 
 
-def summarize(per_case_by_entry: dict[str, pd.DataFrame], n_bootstrap: int, seed: int
+def summarize(per_case_by_entry: dict[str, pd.DataFrame], n_bootstrap: int, seed: int, lesion_f1: str = "counts"
               ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Side-by-side metric table with CIs, and per-case differences against the first entry.
 
-    All per-case tables must list the same cases in the same order.
+    All per-case tables must list the same cases in the same order; pooled F1 is computed by `lesion_f1`.
     """
     names = list(per_case_by_entry)
     baseline = per_case_by_entry[names[0]]
     indices = bootstrap_indices(len(baseline), n_bootstrap, seed)
-    replicates = {name: statistic_replicates(table, indices) for name, table in per_case_by_entry.items()}
+    replicates = {name: statistic_replicates(table, indices, lesion_f1) for name, table in per_case_by_entry.items()}
     rows = []
     for metric in COMPARED_METRICS:
         for aggregate in AGGREGATES:
@@ -223,7 +223,7 @@ def compare_tables(per_case_by_entry: dict[str, pd.DataFrame], pairings: dict[st
         raise EvaluationInputError(f"no case is evaluated for every entry ({', '.join(names)})")
     per_case_by_entry = {name: table.set_index("case").loc[common].reset_index()
                          for name, table in per_case_by_entry.items()}
-    metrics, differences = summarize(per_case_by_entry, n_bootstrap, seed)
+    metrics, differences = summarize(per_case_by_entry, n_bootstrap, seed, options.lesion_f1)
     per_case = pd.concat([table.assign(entry=name) for name, table in per_case_by_entry.items()], ignore_index=True)
     per_case = per_case[["entry", *per_case.columns.drop("entry")]]
     return Comparison(names, per_case, metrics, differences, pairings, options, n_bootstrap, seed)
@@ -260,11 +260,10 @@ def with_ci(value: float, low: float, high: float) -> str:
 
 def comparison_markdown(comparison: Comparison) -> str:
     """The comparison as Markdown: metrics side by side, then differences against the baseline."""
-    options, names = comparison.options, comparison.entries
+    names = comparison.entries
     cases = comparison.per_case["case"].nunique()
     lines = [f"# Comparison against {comparison.baseline}", "",
-             f"{cases} cases. Instances: connectivity {options.connectivity}, min size {options.min_size}, "
-             f"rule {options.rule}" + (f" (IoU >= {options.iou_threshold})" if options.rule == "iou" else "") + ". "
+             f"{cases} cases. Lesions: {comparison.options.describe()}. "
              f"Values with 95% percentile bootstrap CIs over cases ({comparison.n_bootstrap} replicates, "
              f"seed {comparison.seed}); mean_over_cases = mean of per-case values, pooled = from counts summed "
              "over cases (counts: totals).", ""]

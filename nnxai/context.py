@@ -128,10 +128,9 @@ def context_case(model: LoadedModel, window: SlidingWindow, case: str, files: li
                  design: ContextDesign, gt_file: Path | None = None) -> pd.DataFrame:
     """The context curves of one case's selected lesions (instances as `nnxai explain` finds them)."""
     check_channels(files)
+    ground_truth = None if gt_file is None else read_ground_truth(model, gt_file, files[0], settings.lesion_label)
     images, properties = read_images(model, files)
     full = predict(model, window, images, properties, settings)
-    ground_truth = None if gt_file is None else read_ground_truth(model, gt_file, full.properties,
-                                                                   settings.lesion_label)
     instances = case_instances(full.binary, ground_truth, settings.connectivity, settings.min_size, settings.rule,
                                settings.iou_threshold)
     voxel_mm3 = voxel_volume_mm3(properties)

@@ -35,6 +35,8 @@ METHODS = ("smoothgrad", "gradcampp")
 CASE_TABLE = "instances.csv"
 RUN_RECORD = "run.json"
 DEFAULT_MAX_MAPS = 8  # SmoothGrad maps held at once; see smoothgrad_maps
+# How far two image headers may differ and still describe one grid (voxels, mm, mm, cosines)
+GRID_TOLERANCES = {"size": 0, "spacing": 1e-4, "origin": 1e-3, "direction": 1e-4}
 
 
 class CaseError(Exception):
@@ -127,12 +129,16 @@ def check_channels(files: list[Path]) -> None:
         raise CaseError(f"{missing[0]}: missing channel file")
     for path in files:
         check_finite(path)
-    reference = _header(files[0])
     for path in files[1:]:
-        header = _header(path)
-        for key, tolerance in (("size", 0), ("spacing", 1e-4), ("origin", 1e-3), ("direction", 1e-4)):
-            if not np.allclose(reference[key], header[key], atol=tolerance, rtol=0):
-                raise CaseError(f"{path}: {key} {header[key]} differs from {files[0].name} ({reference[key]})")
+        check_same_grid(path, files[0])
+
+
+def check_same_grid(path: Path, reference: Path) -> None:
+    """Refuse `path` in one line unless its header puts it on `reference`'s grid (size, spacing, origin, direction)."""
+    expected, header = _header(reference), _header(path)
+    for key, tolerance in GRID_TOLERANCES.items():
+        if not np.allclose(expected[key], header[key], atol=tolerance, rtol=0):
+            raise CaseError(f"{path}: {key} {header[key]} differs from {expected[key]} in {reference.name}")
 
 
 def check_finite(path: Path) -> None:
@@ -157,18 +163,14 @@ def _header(path: Path) -> dict:
             "direction": reader.GetDirection()}
 
 
-def read_ground_truth(model: LoadedModel, gt_file: Path, properties: dict, lesion_label: int) -> np.ndarray:
-    """Binary ground truth in the input's array layout; refuses a mask on another grid than the image."""
+def read_ground_truth(model: LoadedModel, gt_file: Path, image_file: Path, lesion_label: int) -> np.ndarray:
+    """Binary ground truth in the input's array layout; refuses, like a channel, a mask on another grid than
+    `image_file` (a channel of the case)."""
     if not gt_file.is_file():
         raise CaseError(f"{gt_file}: ground-truth mask missing")
-    labels, gt_properties = model.plans_manager.image_reader_writer_class().read_seg([os.fspath(gt_file)])
-    labels = labels[0]
-    if tuple(labels.shape) != tuple(properties["shape_before_cropping"][i]
-                                    for i in model.plans_manager.transpose_backward):
-        raise CaseError(f"{gt_file}: shape {labels.shape[::-1]} differs from the image's")
-    if not np.allclose(gt_properties["spacing"], properties["spacing"], atol=1e-4):
-        raise CaseError(f"{gt_file}: spacing {gt_properties['spacing']} differs from the image's")
-    return labels == lesion_label
+    check_same_grid(gt_file, image_file)
+    labels, _ = model.plans_manager.image_reader_writer_class().read_seg([os.fspath(gt_file)])
+    return labels[0] == lesion_label
 
 
 def instance_network_masks(model: LoadedModel, instances: list[LesionInstance],
@@ -241,6 +243,7 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
                  engine: GradientEngine | None = None) -> pd.DataFrame:
     """Predict, find instances and explain each one; writes `out_dir/<case>/` atomically, returns its table."""
     check_channels(files)
+    ground_truth = None if gt_file is None else read_ground_truth(model, gt_file, files[0], settings.lesion_label)
     images, properties = read_images(model, files)
     data = preprocess_array(model, images, properties)
     window = model.sliding_window(settings.step_size, settings.use_mirroring, device)
@@ -250,7 +253,6 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
     probabilities = probabilities_in_original_space(model, logits, properties)
     probability = probabilities[settings.lesion_label]
     prediction = model.segment(probabilities, settings.lesion_label, settings.threshold)
-    ground_truth = None if gt_file is None else read_ground_truth(model, gt_file, properties, settings.lesion_label)
     instances = case_instances(prediction, ground_truth, settings.connectivity, settings.min_size, settings.rule,
                                settings.iou_threshold)
     network_masks = instance_network_masks(model, instances, properties) if instances else {}

@@ -361,7 +361,8 @@ def apply_filter(model: FPFilter, out_dir: Path, filtered_dir: Path, threshold: 
         comparison = None
         if counts:
             pairing = CasePairing(sorted(gt_files), [], without_gt)
-            comparison = compare_tables({name: with_metrics(pd.DataFrame(rows)) for name, rows in counts.items()},
+            comparison = compare_tables({name: with_metrics(pd.DataFrame(rows), options.lesion_f1)
+                                         for name, rows in counts.items()},
                                         dict.fromkeys(counts, pairing), options, n_bootstrap, seed)
             write_comparison(comparison, staging / EVALUATION_FOLDER)
     except BaseException:

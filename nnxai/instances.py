@@ -8,6 +8,11 @@ matches is a false negative (FN). Two matching rules:
 - ``"iou"`` (as in the Shifts benchmark): they match when their intersection over union is >= ``iou_threshold``;
   a predicted component is TP when its best IoU with any GT lesion reaches the threshold, a GT lesion is FN
   when its best IoU with any predicted component stays below it.
+- ``"msseg"`` (evaluation only; MSSEG-2016's animaSegPerfAnalyzer, Commowick et al. 2018): a lesion of one
+  mask is detected when the other mask's components cover more than ``MSSEG_MIN_COVERED`` of it and those
+  covering it most (largest overlap first, until they give ``MSSEG_COVERAGE_CHECKED`` of the covered voxels)
+  each lie at most ``MSSEG_MAX_OUTSIDE`` outside the first mask's lesions. Applied to GT lesions (TP / FN)
+  and to predicted components (TP / FP) alike.
 
 ``min_size`` is post-processing of the prediction: predicted components with fewer voxels are dropped (the
 study dropped components of <= 5 voxels, i.e. ``min_size=6``). Every ground-truth lesion counts, whatever
@@ -24,6 +29,11 @@ GROUPS = ("TP", "FP", "FN")
 UNKNOWN_GROUP = "unknown"
 CONNECTIVITIES = (6, 18, 26)
 MATCHING_RULES = ("any", "iou")
+MSSEG_RULE = "msseg"
+# animaSegPerfAnalyzer's detection thresholds, its command's defaults as MSSEG-2016 used them (-x, -y, -z)
+MSSEG_MIN_COVERED = 0.10
+MSSEG_MAX_OUTSIDE = 0.70
+MSSEG_COVERAGE_CHECKED = 0.65
 
 
 def label_components(binary: np.ndarray, connectivity: int = 18, min_size: int = 1) -> np.ndarray:
@@ -63,11 +73,17 @@ def match_components(pred_labels: np.ndarray, gt_labels: np.ndarray, rule: str =
     """Match predicted components to ground-truth lesions (label images from `label_components`)."""
     if pred_labels.shape != gt_labels.shape:
         raise ValueError(f"prediction shape {pred_labels.shape} differs from ground truth shape {gt_labels.shape}")
-    if rule not in MATCHING_RULES:
-        raise ValueError(f"matching rule must be one of {MATCHING_RULES}, got {rule!r}")
+    if rule not in (*MATCHING_RULES, MSSEG_RULE):
+        raise ValueError(f"matching rule must be one of {(*MATCHING_RULES, MSSEG_RULE)}, got {rule!r}")
     if rule == "iou" and not 0 < iou_threshold <= 1:
         raise ValueError(f"IoU threshold must be in (0, 1], got {iou_threshold}")
     n_pred, n_gt = int(pred_labels.max(initial=0)), int(gt_labels.max(initial=0))
+    if rule == MSSEG_RULE:
+        overlap = np.bincount(gt_labels.ravel().astype(np.int64) * (n_pred + 1) + pred_labels.ravel(),
+                              minlength=(n_gt + 1) * (n_pred + 1)).reshape(n_gt + 1, n_pred + 1)
+        tp_gt, tp_pred = _msseg_detected(overlap), _msseg_detected(overlap.T)
+        return Matching(tp_pred, [i for i in range(1, n_pred + 1) if i not in tp_pred],
+                        tp_gt, [i for i in range(1, n_gt + 1) if i not in tp_gt])
     both = (pred_labels > 0) & (gt_labels > 0)
     pair_codes, intersections = np.unique(pred_labels[both].astype(np.int64) * (n_gt + 1) + gt_labels[both],
                                           return_counts=True)
@@ -85,6 +101,32 @@ def match_components(pred_labels: np.ndarray, gt_labels: np.ndarray, rule: str =
         tp_gt=sorted(matched_gt),
         fn_gt=[i for i in range(1, n_gt + 1) if i not in matched_gt],
     )
+
+
+def _msseg_detected(overlap: np.ndarray) -> list[int]:
+    """Lesions (rows 1..) detected by the other mask's components (columns 1..) under the MSSEG rule.
+
+    `overlap[i, j]` counts voxels of lesion i and component j; row and column 0 are background. Follows
+    animaSegPerfAnalyzer step by step, including its limit of as many checked components as there are rows.
+    """
+    component_sizes = overlap.sum(axis=0)
+    detected = []
+    for lesion in range(1, overlap.shape[0]):
+        covering = overlap[lesion, 1:]
+        covered = int(covering.sum())
+        if covered / overlap[lesion].sum() <= MSSEG_MIN_COVERED:
+            continue
+        checked_share, outside = 0.0, False
+        for component in (np.argsort(-covering, kind="stable") + 1)[:overlap.shape[0]]:
+            if checked_share >= MSSEG_COVERAGE_CHECKED:
+                break
+            outside = overlap[0, component] / component_sizes[component] > MSSEG_MAX_OUTSIDE
+            if outside:
+                break
+            checked_share += overlap[lesion, component] / covered
+        if not outside:
+            detected.append(lesion)
+    return detected
 
 
 @dataclass(frozen=True)

@@ -254,10 +254,9 @@ def synthetic_case(model: LoadedModel, window: SlidingWindow, case: str, files: 
         white_matter = read_white_matter(model, wm_file, images.shape[1:], properties["spacing"])
     else:
         white_matter = white_matter_from_t1(images[t1_channel], create_nonzero_mask(images), design.seed)
+    ground_truth = None if gt_file is None else read_ground_truth(model, gt_file, files[0], settings.lesion_label)
     baseline = predict(model, window, images, properties, settings)
-    existing = baseline.binary.copy()
-    if gt_file is not None:
-        existing |= read_ground_truth(model, gt_file, baseline.properties, settings.lesion_label)
+    existing = baseline.binary.copy() if ground_truth is None else baseline.binary | ground_truth
     rng = np.random.default_rng([design.seed, zlib.crc32(case.encode())])
     nawm = normal_appearing(white_matter, existing, spacing, design.clearance_mm)
     placement = place_lesions(nawm, design, spacing, rng, settings.connectivity)

@@ -25,7 +25,7 @@ def cohort(tmp_path_factory):
     files = [root / "images" / f"case_0_000{c}.nii.gz" for c in range(2)]
     images, properties = read_images(model, files)
     full = predict(model, window, images, properties, SETTINGS)
-    gt = read_ground_truth(model, root / "labels" / "case_0.nii.gz", full.properties, 1)
+    gt = read_ground_truth(model, root / "labels" / "case_0.nii.gz", files[0], 1)
     lesion = next(i for i in case_instances(full.binary, gt) if i.group == "TP").mask
     return root, model, out, window, full, lesion
 

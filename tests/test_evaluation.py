@@ -1,5 +1,6 @@
 """Voxel and lesion metrics against hand-computed values, empty-case conventions, folder input and bad input."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -121,6 +122,26 @@ def test_bad_cases_are_all_reported_with_their_file(tmp_path):
     geometry, labels = error.value.problems
     assert "geometry.nii.gz: spacing (1.0, 1.0, 2.0) differs from ground truth" in geometry
     assert "labels.nii.gz: not a binary mask (values other than 0 and 1: 2)" in labels
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda image: image.SetOrigin((0.0, 0.0, 3.0)), r"origin \(0.0, 0.0, 3.0\) differs from ground truth"),
+    (lambda image: image.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)),
+     r"direction \(0.0, 1.0, 0.0, 1.0, .*\) differs from ground truth"),
+], ids=["origin", "direction"])
+def test_prediction_elsewhere_in_the_scanner_is_refused_by_evaluate_and_compare(tmp_path, change, message):
+    gt_dir, pred_dir = make_folders(tmp_path, {"a": LESION, "b": LESION}, {"a": LESION, "b": LESION})
+    image = sitk.ReadImage(str(pred_dir / "b.nii.gz"))
+    change(image)  # same voxels, shape and spacing
+    sitk.WriteImage(image, str(pred_dir / "b.nii.gz"))
+    with pytest.raises(EvaluationInputError, match=f"b.nii.gz: {message}") as error:
+        evaluate_folders(gt_dir, pred_dir)
+    assert len(error.value.problems) == 1
+    out = tmp_path / "comparison"
+    result = CliRunner().invoke(main, ["compare", "--gt", str(gt_dir), f"one={pred_dir}", f"two={pred_dir}",
+                                       "-o", str(out), "--bootstrap", "100"])
+    assert result.exit_code != 0 and not out.exists()
+    assert re.search(f"b.nii.gz: {message}", result.output)
 
 
 def test_unreadable_file_is_reported(tmp_path):

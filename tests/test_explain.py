@@ -12,7 +12,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from scipy import ndimage
 
 from nnxai.cli import main
-from nnxai.explain import ExplainSettings, explain_cohort, find_cases, shard
+from nnxai.explain import CaseError, ExplainSettings, explain_cohort, find_cases, read_ground_truth, shard
 from nnxai.geometry import preprocess, to_network_space, to_original_space, world_coordinates
 from nnxai.model import ModelError, load_model
 from tests.fake_model import write_case, write_model_folder
@@ -160,6 +160,8 @@ def test_bad_cases_fail_alone_with_one_line_each(cohort, tmp_path):
     shutil.copy(tmp_path / "other" / "shifted_t1_0001.nii.gz", images / "shifted_t1_0001.nii.gz")
     write_case(images, "small_gt", seed=6)
     write_case(tmp_path / "other", "small_gt", seed=6, size=(10, 10, 10), labels_dir=labels)
+    write_case(images, "moved_gt", seed=7, labels_dir=labels)
+    move_image(labels / "moved_gt.nii.gz", lambda image: image.SetOrigin((-10.0, 20.0, 7.0)))
     runner = CliRunner()
     out = tmp_path / "out"
     result = runner.invoke(main, ["explain", "-i", str(images), "-o", str(out), "-m", str(root / "model"),
@@ -168,9 +170,34 @@ def test_bad_cases_fail_alone_with_one_line_each(cohort, tmp_path):
     assert "no_t1_0001.nii.gz: missing channel file" in result.output
     assert "nan_0000.nii.gz: contains NaN or Inf voxels" in result.output
     assert "shifted_t1_0001.nii.gz: spacing" in result.output
-    assert "small_gt.nii.gz: shape" in result.output
+    assert "small_gt.nii.gz: size (10, 10, 10) differs from (20, 26, 14) in small_gt_0000.nii.gz" in result.output
+    assert "moved_gt.nii.gz: origin (-10.0, 20.0, 7.0) differs from (-10.0, 20.0, 5.0) in moved_gt_0000.nii.gz" \
+        in result.output
     finished = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert finished == ["case_0", "case_1"]  # the good cases, and no half-written folder of a failed one
+
+
+def move_image(path, change):
+    """Rewrite an image with its header changed by `change(image)`, its voxels kept."""
+    image = sitk.ReadImage(str(path))
+    change(image)
+    sitk.WriteImage(image, str(path))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda image: image.SetOrigin((-10.0, 20.0, 7.0)),
+     r"origin \(-10.0, 20.0, 7.0\) differs from \(-10.0, 20.0, 5.0\)"),
+    (lambda image: image.SetDirection(np.eye(3).ravel().tolist()),
+     r"direction \(1.0, -?0.0, .*\) differs from \(0.9659.*\)"),
+], ids=["origin", "direction"])
+def test_ground_truth_on_another_grid_is_refused(tmp_path, change, message):
+    model = load_model(write_model_folder(tmp_path / "model"))
+    expected = write_case(tmp_path / "images", "case", seed=0, labels_dir=tmp_path / "labels")
+    image_file, gt_file = tmp_path / "images" / "case_0000.nii.gz", tmp_path / "labels" / "case.nii.gz"
+    assert np.array_equal(read_ground_truth(model, gt_file, image_file, 1), expected == 1)
+    move_image(gt_file, change)  # same shape and spacing, another place in the scanner
+    with pytest.raises(CaseError, match=f"^{gt_file}: {message} in case_0000.nii.gz$"):
+        read_ground_truth(model, gt_file, image_file, 1)
 
 
 def test_unknown_fold_and_missing_model_are_clear(cohort, tmp_path):

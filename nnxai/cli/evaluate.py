@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from nnxai.cli.options import trust_model_option
-from nnxai.evaluation import (CasePairing, EvaluationInputError, InstanceOptions, evaluate_folders,
+from nnxai.evaluation import (CONVENTIONS, CasePairing, EvaluationInputError, convention_options, evaluate_folders,
                               write_evaluation)
 from nnxai.instances import CONNECTIVITIES, MATCHING_RULES
 
@@ -18,14 +18,18 @@ existing_folder = click.Path(exists=True, file_okay=False, path_type=Path)
 def instance_options(command):
     """The instance and matching options shared by `evaluate` and `compare` (same meaning as in `explain`)."""
     options = [
-        click.option("--connectivity", type=click.Choice([str(c) for c in CONNECTIVITIES]), default="18",
-                     show_default=True, help="Voxel connectivity of connected components."),
-        click.option("--min-size", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Drop predicted components with fewer voxels (the study: 6)."),
-        click.option("--rule", type=click.Choice(MATCHING_RULES), default="any", show_default=True,
-                     help="Matching: any overlap (the study) or IoU >= --iou-threshold (Shifts)."),
-        click.option("--iou-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.25,
-                     show_default=True, help="IoU needed for a match with --rule iou."),
+        click.option("--convention", type=click.Choice(list(CONVENTIONS)), default="study", show_default=True,
+                     help="Lesion matching and F1 as a benchmark publishes them: the study's (18-connectivity, any "
+                          "overlap), Shifts (6, IoU >= 0.25), WMH 2017 (26, any overlap, GT label 2 ignored, "
+                          "harmonic F1) or MSSEG-2016 (6, lesions > 3 mm^3, its detection rule, harmonic F1)."),
+        click.option("--connectivity", type=click.Choice([str(c) for c in CONNECTIVITIES]), default=None,
+                     help="Voxel connectivity of connected components [study default: 18]."),
+        click.option("--min-size", type=click.IntRange(min=1), default=None,
+                     help="Drop predicted components with fewer voxels (the study: 6) [default: 1]."),
+        click.option("--rule", type=click.Choice(MATCHING_RULES), default=None,
+                     help="Matching: any overlap (the study) or IoU >= --iou-threshold [study default: any]."),
+        click.option("--iou-threshold", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="IoU needed for a match with --rule iou [default: 0.25]."),
         click.option("--file-ending", default=None,
                      help="File ending of the masks [default: from dataset.json, else .nii.gz]."),
         click.option("--only-common", is_flag=True,
@@ -36,8 +40,6 @@ def instance_options(command):
     return command
 
 
-def build_options(connectivity: str, min_size: int, rule: str, iou_threshold: float) -> InstanceOptions:
-    return InstanceOptions(int(connectivity), min_size, rule, iou_threshold)
 
 
 def report_pairing(pairing: CasePairing, label: str) -> None:
@@ -61,17 +63,19 @@ def input_errors() -> Iterator[None]:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Per-case CSV; the overall table goes to <name>_overall.csv beside it.")
 @instance_options
-def evaluate(gt_dir: Path, pred_dir: Path, output: Path | None, connectivity: str, min_size: int, rule: str,
-             iou_threshold: float, file_ending: str | None, only_common: bool) -> None:
+def evaluate(gt_dir: Path, pred_dir: Path, output: Path | None, convention: str, connectivity: str | None,
+             min_size: int | None, rule: str | None, iou_threshold: float | None, file_ending: str | None,
+             only_common: bool) -> None:
     """Voxel Dice, nDSC and lesion-wise TP/FP/FN, TPR, FDR, FNR, PPV, F1 of PRED_DIR against GT_DIR.
 
     Overall values are given both as the mean over cases and pooled (from counts summed over cases).
     """
     with input_errors():
-        evaluation = evaluate_folders(gt_dir, pred_dir, build_options(connectivity, min_size, rule, iou_threshold),
-                                      only_common, file_ending, progress=True)
+        options = convention_options(convention, int(connectivity) if connectivity else None, min_size, rule,
+                                     iou_threshold)
+        evaluation = evaluate_folders(gt_dir, pred_dir, options, only_common, file_ending, progress=True)
     report_pairing(evaluation.pairing, str(pred_dir))
-    click.echo(f"{len(evaluation.per_case)} cases")
+    click.echo(f"{len(evaluation.per_case)} cases; lesions: {options.describe()}")
     click.echo(evaluation.overall.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if output:
         summary_path = write_evaluation(evaluation, output)
@@ -99,8 +103,8 @@ def evaluate(gt_dir: Path, pred_dir: Path, output: Path | None, connectivity: st
 @instance_options
 def compare(gt_dir: Path, entries: tuple[str, ...], output: Path, n_bootstrap: int, seed: int,
             images_dir: Path | None, device: str | None, disable_tta: bool, step_size: float, checkpoint: str,
-            trust_checkpoint: bool, connectivity: str, min_size: int, rule: str, iou_threshold: float,
-            file_ending: str | None, only_common: bool) -> None:
+            trust_checkpoint: bool, convention: str, connectivity: str | None, min_size: int | None,
+            rule: str | None, iou_threshold: float | None, file_ending: str | None, only_common: bool) -> None:
     """Compare entries NAME=PRED_DIR or NAME=MODEL_DIR against GT; the first entry is the baseline.
 
     A model folder (nnU-Net results folder with fold_*) is first predicted with nnU-Net on --images into
@@ -121,10 +125,11 @@ def compare(gt_dir: Path, entries: tuple[str, ...], output: Path, n_bootstrap: i
         prediction = ModelPrediction(images_dir, output / "predictions", device, step_size, not disable_tta,
                                      checkpoint, trust_checkpoint)
     with input_errors():
+        options = convention_options(convention, int(connectivity) if connectivity else None, min_size, rule,
+                                     iou_threshold)
         parsed = [parse_entry(text) for text in entries]
-        comparison = compare_entries(gt_dir, parsed, build_options(connectivity, min_size, rule, iou_threshold),
-                                     n_bootstrap, seed, only_common, file_ending, progress=True,
-                                     prediction=prediction)
+        comparison = compare_entries(gt_dir, parsed, options, n_bootstrap, seed, only_common, file_ending,
+                                     progress=True, prediction=prediction)
         for name, pairing in comparison.pairings.items():
             report_pairing(pairing, name)
         written = write_comparison(comparison, output)
