@@ -182,12 +182,12 @@ def load_model(folder: str | Path, folds: list[str] | None = None, checkpoint_na
         raise ModelError(f"{folder / 'plans.json'}: no configuration {configuration!r}, which the checkpoint "
                          f"was trained with (has {plans_manager.available_configurations})")
     configuration_manager = plans_manager.get_configuration(configuration)
-    _check_supported(folder, configuration, configuration_manager, plans_manager, dataset_json)
     register_trainers()
     try:
         if not trust_checkpoint:
             check_model_names(folder, plans_manager.plans, configuration_manager.configuration, dataset_json,
                               configuration)
+        _check_supported(folder, configuration, configuration_manager, plans_manager, dataset_json)
         trainer_class = find_trainer(first["trainer_name"], folder / f"fold_{folds[0]}" / checkpoint_name)
     except UnsafeModelError as error:
         raise ModelError(str(error)) from None
