@@ -27,7 +27,7 @@ from nnxai import __version__, figures
 from nnxai.explain_output import (PEAKS, AnalysisInputError, ExplainOutput, ordered_groups, peak_column,
                                   read_table, read_volume)
 from nnxai.rings import RING_COLUMNS, RINGS_TABLE
-from nnxai.statistics import STATS_COLUMNS, STATS_TABLE, SYNTHETIC_TABLE, peak_values, synthetic_table
+from nnxai.statistics import LEVELS, STATS_COLUMNS, STATS_TABLE, SYNTHETIC_TABLE, peak_values, synthetic_table
 
 REPORT_FOLDER = "report"
 REPORT_FILE = "report.html"
@@ -156,6 +156,7 @@ def statistics_section(output: ExplainOutput) -> Section:
     if not path.is_file():
         return _not_run("statistics", "Statistics", path, "nnxai stats OUT")
     table = read_table(path, STATS_COLUMNS)
+    levels = table["level"].dropna().unique()
     tests = table[table.test != "summary"].reset_index(drop=True)
     significant = tests.p_holm.fillna(tests.p_value.where(tests.test == "kruskal")) < 0.05
     shown = tests[["channel", "peak", "test", "group_a", "group_b", "n_a", "n_b", "statistic", "p_value", "p_holm",
@@ -164,9 +165,10 @@ def statistics_section(output: ExplainOutput) -> Section:
     first_channel = overall[overall.channel == overall.channel.iloc[0]] if len(overall) else overall
     findings = [f"{row.channel} {row.peak.replace('_', ' ')} saliency across {row.group_a.replace(',', ', ')}: "
                 f"Kruskal-Wallis p = {_format(row.p_value)}." for row in first_channel.itertuples()]
-    text = (_paragraph("Kruskal-Wallis over all groups with enough members, then two-sided Mann-Whitney U per pair, "
-                       "Holm-corrected within each channel and peak; Cliff's delta = P(a > b) - P(a < b). "
-                       "Rows in bold: p (Holm for pairs) < 0.05.")
+    unit = " and ".join(LEVELS.get(level, str(level)) for level in levels) or "none (no test)"
+    text = (_paragraph(f"Unit of analysis: {unit}. Kruskal-Wallis over all groups with enough members, then "
+                       "two-sided Mann-Whitney U per pair, Holm-corrected within each channel and peak; "
+                       "Cliff's delta = P(a > b) - P(a < b). Rows in bold: p (Holm for pairs) < 0.05.")
             + _table_html(shown, max_rows=len(shown), emphasize=significant))
     return Section("statistics", "Statistics", text, findings=findings)
 

@@ -105,6 +105,8 @@ def test_complete_report_has_every_section_and_figure(complete):
             in page.split("<nav>")[0])  # failing checks are in the summary at the top
     assert "FLAIR peak pos saliency across TP, FP, FN, synthetic: Kruskal-Wallis p = " in page.split("<nav>")[0]
     assert "kruskal" in section_html(page, "statistics")
+    assert "Unit of analysis: lesions (every lesion one value; lesions of one patient treated as independent)" \
+        in section_html(page, "statistics")
     assert not list(out.glob(".report*"))
 
 
