@@ -102,16 +102,6 @@ def case_files(model: LoadedModel, images_dir: Path, only: list[str] | None = No
     return cases
 
 
-def channel_index(channel_names: list[str], role: str) -> int | None:
-    """Index of the input channel playing `role` ("FLAIR" or "T1"; T1 also matches MPRAGE), from dataset.json names."""
-    aliases = {"FLAIR": ("flair",), "T1": ("t1", "mprage")}[role]
-    for index, name in enumerate(channel_names):
-        lowered = name.lower()
-        if any(lowered.startswith(alias) for alias in aliases) and "t1c" not in lowered and "gd" not in lowered:
-            return index
-    return None
-
-
 @dataclass
 class Prediction:
     """nnU-Net's prediction of one (possibly modified) case: its network input and the lesion probability."""

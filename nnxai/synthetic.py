@@ -45,7 +45,8 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 
 from dataset_conversion.phantom import apply_lesion_contrast, lesion_blob
-from nnxai.experiments import (ExperimentError, ExperimentOutcome, channel_index, experiment_folder,
+from nnxai.channels import channel_index
+from nnxai.experiments import (ExperimentError, ExperimentOutcome, experiment_folder,
                                matching_components, predict, predict_near, preprocess_copy, run_cases)
 from nnxai.explain import (CaseError, ExplainSettings, LesionInstance, check_channels, instance_maps,
                            instance_network_masks, instance_row, read_ground_truth)
