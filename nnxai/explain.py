@@ -178,6 +178,15 @@ def read_ground_truth(model: LoadedModel, gt_file: Path, properties: dict, lesio
     return labels == lesion_label
 
 
+def nnunet_prediction(model: LoadedModel, data: torch.Tensor, properties: dict, settings: ExplainSettings,
+                      device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(lesion probability, segmentation) in the input grid from nnU-Net's own predictor, as `nnxai explain`
+    exports them; the experiments predict through this too, so they find exactly the explained lesions."""
+    logits = model.nnunet_logits(data, settings.step_size, settings.use_mirroring, device)
+    probability = probabilities_in_original_space(model, logits, properties)[settings.lesion_label]
+    return probability, probability > settings.threshold
+
+
 def instance_network_masks(model: LoadedModel, instances: list[LesionInstance],
                            properties: dict) -> dict[int, np.ndarray]:
     """Each instance's mask in network space, mapped together in as few label volumes as overlaps allow.
@@ -254,9 +263,7 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
     window = model.sliding_window(settings.step_size, settings.use_mirroring, device)
     engine = engine or GradientEngine(amp=settings.amp)
     tensor = torch.from_numpy(data)
-    logits = model.nnunet_logits(tensor, settings.step_size, settings.use_mirroring, device)
-    probability = probabilities_in_original_space(model, logits, properties)[settings.lesion_label]
-    prediction = probability > settings.threshold
+    probability, prediction = nnunet_prediction(model, tensor, properties, settings, device)
     ground_truth = None if gt_file is None else read_ground_truth(model, gt_file, properties, settings.lesion_label)
     instances = case_instances(prediction, ground_truth, settings.connectivity, settings.min_size, settings.rule,
                                settings.iou_threshold)
