@@ -413,7 +413,7 @@ h1 { margin-bottom: 4px; } h2 { border-bottom: 1px solid #ccc; padding-top: 12px
 nav ol { columns: 2; margin: 8px 0 16px; }
 .table { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 13px; margin: 6px 0 12px; }
-th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
+th, td { border: 1px solid #ddd; padding: 3px 4px; text-align: right; }
 th { background: #f1f3f6; font-size: 12px; } td.text, table.settings th, table.settings td { text-align: left; }
 .findings { background: #eef4fb; border: 1px solid #c9daf0; padding: 6px 16px; }
 tr.significant td { font-weight: 600; background: #fff6e0; }
