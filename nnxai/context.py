@@ -12,10 +12,13 @@ detection are recorded. k = 0 keeps the lesion's own voxels only.
 - Probability and detection in the input's grid, as nnU-Net exports them: the mean lesion probability over the
   lesion's voxels; detected when a predicted component (probability > threshold, the run's connectivity and
   min_size) matches the original lesion under the run's rule (any overlap, or IoU), as `nnxai explain` matches.
-- Cost: only the sliding-window tiles near the lesion are predicted (`experiments.predict_near`: exact for the
-  lesion and every predicted component touching it). A k whose kept region is unchanged inside those tiles
-  reuses the previous prediction, and once the whole image lies within k mm the full prediction itself is
-  used (`whole_image` = True: larger k cannot change anything).
+- Lesions: the unmasked case is predicted as `nnxai explain` predicts it (nnU-Net's own predictor), so the
+  lesions and their groups are those of instances.csv, and `full_*` and `whole_image` rows are nnU-Net's own.
+- Cost: of a masked input only the sliding-window tiles near the lesion are predicted (`experiments.predict_near`:
+  exact for the lesion and every predicted component touching it, in the differentiable window's float32
+  arithmetic, which agrees with nnU-Net's float16 accumulation to its rounding). A k whose kept region is
+  unchanged inside those tiles reuses the previous prediction, and once the whole image lies within k mm the
+  full prediction itself is used (`whole_image` = True: larger k cannot change anything).
 - Required context: the smallest k from which the cohort's detection rate stays >= `plateau_fraction` (0.95)
   of its rate at the largest k; confidence interval: percentiles of that estimate over bootstrap resamples of
   the lesions.

@@ -2,7 +2,9 @@
 
 phantom cohort -> nnU-Net planning and preprocessing -> small CPU plans -> short training with the
 study's trainer -> nnUNetv2_predict and lesion-wise evaluation -> explanations of every test lesion.
-Each finished stage leaves a marker, so a re-run continues after the last finished stage.
+Each finished stage leaves a marker, so a re-run continues after the last finished stage. A stage that
+refuses this cohort (the FP filter needs both TP and FP lesions) is skipped with its reason; the summary at
+the end (`OUT/demo_summary.txt`) lists every stage as done or skipped, with the reason.
 """
 from __future__ import annotations
 
@@ -26,6 +28,12 @@ TRAINER = "nnUNetTrainerWMLShort"
 BASELINE_TRAINER = "nnUNetTrainerShort"
 CONFIGURATION = "3d_fullres"
 FOLD = "0"
+SUMMARY_FILE = "demo_summary.txt"
+SKIPPED = "skipped: "
+
+
+class StageSkipped(Exception):
+    """A stage that cannot run on this cohort; the message is the reason the summary gives."""
 
 
 @dataclass(frozen=True)
@@ -100,19 +108,30 @@ class Demo:
         return run
 
     def run(self) -> None:
+        """Every stage not finished earlier, then the summary (also in OUT/demo_summary.txt)."""
+        from nnxai.explain import write_atomically
+
         self.markers.mkdir(parents=True, exist_ok=True)
         start = time.time()
+        outcomes = []
         for number, (name, stage) in enumerate(self.stages, start=1):
             marker = self.markers / name.replace(" ", "_")
             header = f"[{number}/{len(self.stages)}] {name}"
             if marker.exists():
                 click.echo(f"{header}: done earlier, skipped")
-                continue
-            click.echo(f"{header} ...")
-            stage_start = time.time()
-            stage()
-            marker.touch()
-            click.echo(f"{header}: done in {time.time() - stage_start:.0f} s (total {time.time() - start:.0f} s)")
+            else:
+                click.echo(f"{header} ...")
+                stage_start = time.time()
+                try:
+                    stage()
+                    marker.write_text("done")
+                except StageSkipped as reason:
+                    marker.write_text(f"{SKIPPED}{reason}")
+                click.echo(f"{header}: {marker.read_text()} ({time.time() - stage_start:.0f} s, "
+                           f"total {time.time() - start:.0f} s)")
+            outcomes.append(f"{name}: {marker.read_text() or 'done'}")
+        write_atomically(self.out / SUMMARY_FILE, "\n".join(outcomes) + "\n")
+        click.echo("Summary:\n  " + "\n  ".join(outcomes))
 
     def nnunet(self, program: str, *args: str, **environment: str) -> None:
         """Run one of nnU-Net's own commands from this environment, its output shown as it comes."""
@@ -182,8 +201,7 @@ class Demo:
         try:
             self.command("fpfilter", "train", str(self.explained), "-o", str(model_file), "--folds", "2")()
         except click.ClickException as error:  # e.g. a small cohort with only TP or only FP lesions
-            click.echo(f"false-positive filter not trained: {error.format_message()}")
-            return
+            raise StageSkipped(f"the filter was not trained: {error.format_message()}") from None
         # the demo filters the cases it trained on: cross-fitting keeps that before/after out of sample
         self.command("fpfilter", "apply", str(model_file), str(self.explained), "-o",
                      str(self.out / "fpfilter" / "filtered"), "--cross-fitted", "--overwrite")()

@@ -2,8 +2,10 @@
 
 An experiment reads an `nnxai explain` output folder (OUT): `OUT/run.json` names the model, the input images,
 the ground truth and the settings (threshold, connectivity, ...), so the experiment predicts exactly what the
-explained model predicts. Its results go to `OUT/experiments/`: one table per case in `OUT/experiments/<name>/`
-(written atomically; a re-run skips finished cases) and the cohort table `OUT/experiments/<name>.csv`.
+explained model predicts (`predict` goes through nnU-Net's own predictor, as `nnxai explain` does, so the lesions
+an experiment finds are those of instances.csv). Its results go to `OUT/experiments/`: one table per case in
+`OUT/experiments/<name>/` (written atomically; a re-run skips finished cases) and the cohort table
+`OUT/experiments/<name>.csv`.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from nnxai.explain import RUN_RECORD, CaseError, ExplainSettings, find_cases, write_atomically
+from nnxai.explain import RUN_RECORD, CaseError, ExplainSettings, find_cases, nnunet_prediction, write_atomically
 from nnxai.explain_output import AnalysisInputError, ExplainOutput, load_explain_output
 from nnxai.geometry import preprocess_array, probabilities_in_original_space, to_network_space, to_original_space
 from nnxai.instances import label_components, match_components
@@ -102,16 +104,6 @@ def case_files(model: LoadedModel, images_dir: Path, only: list[str] | None = No
     return cases
 
 
-def channel_index(channel_names: list[str], role: str) -> int | None:
-    """Index of the input channel playing `role` ("FLAIR" or "T1"; T1 also matches MPRAGE), from dataset.json names."""
-    aliases = {"FLAIR": ("flair",), "T1": ("t1", "mprage")}[role]
-    for index, name in enumerate(channel_names):
-        lowered = name.lower()
-        if any(lowered.startswith(alias) for alias in aliases) and "t1c" not in lowered and "gd" not in lowered:
-            return index
-    return None
-
-
 @dataclass
 class Prediction:
     """nnU-Net's prediction of one (possibly modified) case: its network input and the lesion probability."""
@@ -130,16 +122,11 @@ def preprocess_copy(model: LoadedModel, images: np.ndarray, properties: dict) ->
 
 def predict(model: LoadedModel, window: SlidingWindow, images: np.ndarray, properties: dict,
             settings: ExplainSettings) -> Prediction:
-    """Preprocess read images (left unchanged) and predict them through the explained (float32) sliding window.
-
-    Experiments compare this prediction with tile-subset ones (`predict_near`), which it equals exactly; it agrees
-    with nnU-Net's own float16-accumulated prediction, which `nnxai explain` exports, to that precision.
-    """
+    """Preprocess read images (left unchanged) and predict them exactly as `nnxai explain` does (nnU-Net's own
+    predictor, on the window's device), so the lesions found are those of the explain run's instances.csv."""
     data, properties = preprocess_copy(model, images, properties)
-    with torch.no_grad():
-        logits = window.logits(data)
-    probability = probabilities_in_original_space(model, logits, properties)[settings.lesion_label]
-    return Prediction(data, properties, probability, probability > settings.threshold)
+    probability, binary = nnunet_prediction(model, data, properties, settings, window.device)
+    return Prediction(data, properties, probability, binary)
 
 
 def exact_region(layout: TileLayout, tiles: list[Slices]) -> np.ndarray:
@@ -187,7 +174,8 @@ class LocalPrediction:
 
 def predict_near(model: LoadedModel, window: SlidingWindow, data: torch.Tensor, properties: dict,
                  region: np.ndarray, settings: ExplainSettings, layout: TileLayout | None = None) -> LocalPrediction:
-    """What the full prediction of preprocessed `data` says about `region`, from the tiles near it only.
+    """What the full float32 sliding-window prediction of preprocessed `data` says about `region`, from the tiles
+    near it only (nnU-Net's own float16-accumulated prediction, `predict`, agrees with it to that rounding).
 
     Exact for the region's voxels and for every predicted component touching it: tiles are added until each
     such component, with its neighbours (the run's connectivity), lies where the prediction is exact, so its

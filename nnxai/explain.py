@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from nnxai.channels import channel_index
 from nnxai.gradcampp import VARIANTS, LayerError, check_layer, default_layer, instance_gradcampp
 from nnxai.geometry import (preprocess_array, probabilities_in_original_space, read_images, to_network_space, to_original_space,
                             voxel_volume_mm3, world_coordinates, write_volume)
@@ -50,6 +51,7 @@ class ExplainSettings:
     methods: tuple[str, ...] = ("smoothgrad",)
     samples: int | str = 50  # or "auto": until each map converged (tol, max_samples)
     noise: float = 0.05
+    noise_channel: int | None = None  # its range sets the noise sigma; None: FLAIR by name (resolved before the record)
     aggregation: str = "mean"
     tol: float = 0.05
     max_samples: int = 200
@@ -72,6 +74,11 @@ class ExplainSettings:
     def method(self) -> str:
         """The first method (runs with one method)."""
         return self.methods[0]
+
+    @property
+    def noise_range_channel(self) -> int:
+        """The channel whose range sets the noise sigma (runs recorded before it was found by name used channel 0)."""
+        return 0 if self.noise_channel is None else self.noise_channel
 
     def sampling(self) -> Sampling:
         auto = self.samples == "auto"
@@ -173,6 +180,16 @@ def read_ground_truth(model: LoadedModel, gt_file: Path, image_file: Path, lesio
     return labels[0] == lesion_label
 
 
+def nnunet_prediction(model: LoadedModel, data: torch.Tensor, properties: dict, settings: ExplainSettings,
+                      device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(lesion probability, segmentation) in the input grid from nnU-Net's own predictor, as `nnxai explain`
+    exports them; the experiments predict through this too, so they find exactly the explained lesions."""
+    logits = model.nnunet_logits(data, settings.step_size, settings.use_mirroring, device)
+    probabilities = probabilities_in_original_space(model, logits, properties)
+    return (probabilities[settings.lesion_label],
+            model.segment(probabilities, settings.lesion_label, settings.threshold))
+
+
 def instance_network_masks(model: LoadedModel, instances: list[LesionInstance],
                            properties: dict) -> dict[int, np.ndarray]:
     """Each instance's mask in network space, mapped together in as few label volumes as overlaps allow.
@@ -221,7 +238,8 @@ def instance_maps(window: SlidingWindow, data: torch.Tensor, network_masks: dict
     if "smoothgrad" in settings.methods:
         for instance_id, result in smoothgrad_maps(window, data, network_masks, settings.sampling(),
                                                    settings.noise, noise_generator(settings.seed, stream),
-                                                   settings.lesion_label, settings.aggregation, engine, progress):
+                                                   settings.lesion_label, settings.aggregation, engine, progress,
+                                                   settings.noise_range_channel):
             full, mask = result.map, network_masks[instance_id]
             columns = {}
             for channel, name in enumerate(channel_names):
@@ -249,10 +267,7 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
     window = model.sliding_window(settings.step_size, settings.use_mirroring, device)
     engine = engine or GradientEngine(amp=settings.amp)
     tensor = torch.from_numpy(data)
-    logits = model.nnunet_logits(tensor, settings.step_size, settings.use_mirroring, device)
-    probabilities = probabilities_in_original_space(model, logits, properties)
-    probability = probabilities[settings.lesion_label]
-    prediction = model.segment(probabilities, settings.lesion_label, settings.threshold)
+    probability, prediction = nnunet_prediction(model, tensor, properties, settings, device)
     instances = case_instances(prediction, ground_truth, settings.connectivity, settings.min_size, settings.rule,
                                settings.iou_threshold)
     network_masks = instance_network_masks(model, instances, properties) if instances else {}
@@ -329,7 +344,16 @@ def run_record(model: LoadedModel, settings: ExplainSettings, images_dir: Path, 
             "file_ending": model.dataset_json["file_ending"],
             "ground_truth": str(gt_dir) if gt_dir else None, "channels": model.channel_names,
             "python": platform.python_version(), "packages": packages,
-            "saliency_statistics_space": "network (preprocessed) space, one spacing for all cases"}
+            "saliency_statistics_space": "network (preprocessed) space, one spacing for all cases",
+            "noise_channel_note": noise_channel_note(model.channel_names) if "smoothgrad" in settings.methods else None}
+
+
+def noise_channel_note(channel_names: list[str]) -> str | None:
+    """Why the noise sigma is not taken from FLAIR, when no channel is named so; None when one is."""
+    if channel_index(channel_names, "FLAIR") is not None:
+        return None
+    return (f"no input channel is named FLAIR in dataset.json ({', '.join(channel_names)}): the SmoothGrad noise "
+            f"sigma is taken from the range of channel 0 ({channel_names[0]})")
 
 
 def _check_resumable(out_dir: Path, record: dict, overwrite: bool) -> None:
@@ -378,6 +402,8 @@ def check_settings(model: LoadedModel, settings: ExplainSettings) -> ExplainSett
     except ValueError as error:
         raise CaseError(f"samples {settings.samples!r}: {error}") from None
     settings = replace(settings, samples=sampling.samples or "auto", antithetic=sampling.antithetic)
+    if settings.noise_channel is None:
+        settings = replace(settings, noise_channel=channel_index(model.channel_names, "FLAIR") or 0)
     if "gradcampp" not in settings.methods:
         return settings
     network = model.networks[0]
@@ -403,6 +429,8 @@ def explain_cohort(model: LoadedModel, images_dir: Path, out_dir: Path, settings
     cases = find_cases(images_dir, file_ending, len(model.channel_names))
     prepare_output_folder(out_dir)
     record = run_record(model, settings, images_dir, gt_dir, compute)
+    if record["noise_channel_note"]:
+        tqdm.write(f"note: {record['noise_channel_note']}", file=sys.stderr)
     _check_resumable(out_dir, record, overwrite)
     write_atomically(out_dir / RUN_RECORD, json.dumps(record, indent=2, default=str) + "\n")
     result = CohortResult([], [], {})

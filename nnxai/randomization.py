@@ -14,7 +14,9 @@ identity normalization), from a seed fixed per block, so a block gets the same r
 experiments and in every fold. Every map is recomputed with the run's settings and the same noise draws
 as the original map, so only the weights differ. Original and randomized maps are compared inside the
 instance's box (its bounding box grown by a margin) by Spearman rank correlation and SSIM, both of the
-absolute maps (Adebayo's main measure) and of the signed maps.
+absolute maps (Adebayo's main measure) and of the signed maps. A randomized map that is constant has no
+ranking to compare: it is counted apart, and a method whose randomized maps are mostly constant gets the
+verdict "constant", not a pass.
 """
 from __future__ import annotations
 
@@ -41,8 +43,9 @@ from nnxai.sliding_window import Slices
 
 CASCADING, INDEPENDENT, REFERENCE = "cascading", "independent", "reference"
 STATISTICS = ("spearman_abs", "spearman_signed", "ssim_abs", "ssim_signed")
-COLUMNS = ["case", "instance_id", "group", "method", "channel", "experiment", "step", "layer", *STATISTICS]
-VERDICT_COLUMNS = ["method", "channel", "statistic", "instances", "threshold", "verdict",
+COLUMNS = ["case", "instance_id", "group", "method", "channel", "experiment", "step", "layer", *STATISTICS,
+           "randomized_constant"]
+VERDICT_COLUMNS = ["method", "channel", "statistic", "instances", "threshold", "verdict", "constant_maps",
                    *(f"median_abs_{s}" for s in STATISTICS), *(f"reference_median_abs_{s}" for s in STATISTICS)]
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")
 
@@ -137,12 +140,10 @@ def _ssim(first: np.ndarray, second: np.ndarray, data_range: float) -> float:
 
 
 def _spearman(original: np.ndarray, randomized: np.ndarray) -> float:
-    """Rank correlation; 0 when only the randomized map is constant: it kept none of the original's ranking
-    (Grad-CAM++ maps of a randomized network are often all zero after their ReLU). NaN for a constant original."""
-    if np.ptp(original) == 0:
+    """Rank correlation; NaN when either map is constant (no ranking). Grad-CAM++ maps of a randomized network
+    are often all zero after their ReLU: such maps are counted apart (`randomized_constant`), not scored 0."""
+    if np.ptp(original) == 0 or np.ptp(randomized) == 0:
         return float("nan")
-    if np.ptp(randomized) == 0:
-        return 0.0
     return float(spearmanr(original.ravel(), randomized.ravel()).statistic)
 
 
@@ -213,7 +214,8 @@ def _comparison_rows(case: str, groups: dict[int, str], method: str, step: Step,
         for channel, name in enumerate(channels):
             rows.append({"case": case, "instance_id": instance_id, "group": groups[instance_id], "method": method,
                          "channel": name, "experiment": step.experiment, "step": step.step, "layer": step.layer,
-                         **compare_maps(before[channel], after[channel])})
+                         **compare_maps(before[channel], after[channel]),
+                         "randomized_constant": bool(np.ptp(after[channel]) == 0 and np.ptp(before[channel]) > 0)})
     return rows
 
 
@@ -226,9 +228,11 @@ def randomization_verdicts(table: pd.DataFrame, threshold: float = 0.5,
                            statistic: str = "spearman_abs") -> pd.DataFrame:
     """Per method and channel: "passes" when the median |statistic| after full randomization is below threshold.
 
-    "Full randomization" is the last cascading step. "fails" otherwise; "undetermined" when no instance gave a value
-    (constant maps). Every method and channel gets a row, failing ones included, with the medians of
-    all four statistics after full randomization and between two random networks for context.
+    "Full randomization" is the last cascading step. "fails" otherwise; "constant" when at least as many
+    instances' randomized maps are constant (a structured original turned flat: nothing left to rank) as gave a
+    value; "undetermined" when no instance gave a value otherwise (constant originals). Every method and channel
+    gets a row, failing ones included, with the medians of all four statistics after full randomization (over
+    the non-constant maps) and between two random networks for context.
     """
     if statistic not in STATISTICS:
         raise SanityError(f"unknown statistic {statistic!r}; choose from {', '.join(STATISTICS)}")
@@ -239,10 +243,14 @@ def randomization_verdicts(table: pd.DataFrame, threshold: float = 0.5,
     for (method, channel), maps in table.groupby(["method", "channel"], sort=False):
         chosen = final[(final.method == method) & (final.channel == channel)]
         chosen_reference = reference[(reference.method == method) & (reference.channel == channel)]
-        median = _median_abs(chosen[statistic])
-        verdict = "undetermined" if np.isnan(median) else "passes" if median < threshold else "fails"
-        rows.append({"method": method, "channel": channel, "statistic": statistic,
-                     "instances": int(chosen[statistic].notna().sum()), "threshold": threshold, "verdict": verdict,
+        median, valued = _median_abs(chosen[statistic]), int(chosen[statistic].notna().sum())
+        constant = int(chosen.randomized_constant.astype(bool).sum())
+        if constant and constant >= valued:
+            verdict = "constant"
+        else:
+            verdict = "undetermined" if np.isnan(median) else "passes" if median < threshold else "fails"
+        rows.append({"method": method, "channel": channel, "statistic": statistic, "instances": valued,
+                     "constant_maps": constant, "threshold": threshold, "verdict": verdict,
                      **{f"median_abs_{s}": _median_abs(chosen[s]) for s in STATISTICS},
                      **{f"reference_median_abs_{s}": _median_abs(chosen_reference[s]) for s in STATISTICS}})
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
@@ -279,7 +287,8 @@ def verdict_lines(verdicts: pd.DataFrame) -> list[str]:
     """One human-readable line per method and channel."""
     return [f"{v['method']} {v['channel']}: {v['verdict']} (median |{v['statistic']}| after full randomization "
             f"{v[f'median_abs_{v.statistic}']:.3f}, between two random networks "
-            f"{v[f'reference_median_abs_{v.statistic}']:.3f}, threshold {v['threshold']:g}, {v['instances']} instances)"
+            f"{v[f'reference_median_abs_{v.statistic}']:.3f}, threshold {v['threshold']:g}, "
+            f"{v['instances']} instances, {v['constant_maps']} constant randomized maps)"
             for _, v in verdicts.iterrows()]
 
 

@@ -27,7 +27,7 @@ from nnxai import __version__, figures
 from nnxai.explain_output import (PEAKS, AnalysisInputError, ExplainOutput, ordered_groups, peak_column,
                                   read_table, read_volume)
 from nnxai.rings import RING_COLUMNS, RINGS_TABLE
-from nnxai.statistics import STATS_COLUMNS, STATS_TABLE, SYNTHETIC_TABLE, peak_values, synthetic_table
+from nnxai.statistics import LEVELS, STATS_COLUMNS, STATS_TABLE, SYNTHETIC_TABLE, peak_values, synthetic_table
 
 REPORT_FOLDER = "report"
 REPORT_FILE = "report.html"
@@ -156,6 +156,7 @@ def statistics_section(output: ExplainOutput) -> Section:
     if not path.is_file():
         return _not_run("statistics", "Statistics", path, "nnxai stats OUT")
     table = read_table(path, STATS_COLUMNS)
+    levels = table["level"].dropna().unique()
     tests = table[table.test != "summary"].reset_index(drop=True)
     significant = tests.p_holm.fillna(tests.p_value.where(tests.test == "kruskal")) < 0.05
     shown = tests[["channel", "peak", "test", "group_a", "group_b", "n_a", "n_b", "statistic", "p_value", "p_holm",
@@ -164,9 +165,10 @@ def statistics_section(output: ExplainOutput) -> Section:
     first_channel = overall[overall.channel == overall.channel.iloc[0]] if len(overall) else overall
     findings = [f"{row.channel} {row.peak.replace('_', ' ')} saliency across {row.group_a.replace(',', ', ')}: "
                 f"Kruskal-Wallis p = {_format(row.p_value)}." for row in first_channel.itertuples()]
-    text = (_paragraph("Kruskal-Wallis over all groups with enough members, then two-sided Mann-Whitney U per pair, "
-                       "Holm-corrected within each channel and peak; Cliff's delta = P(a > b) - P(a < b). "
-                       "Rows in bold: p (Holm for pairs) < 0.05.")
+    unit = " and ".join(LEVELS.get(level, str(level)) for level in levels) or "none (no test)"
+    text = (_paragraph(f"Unit of analysis: {unit}. Kruskal-Wallis over all groups with enough members, then "
+                       "two-sided Mann-Whitney U per pair, Holm-corrected within each channel and peak; "
+                       "Cliff's delta = P(a > b) - P(a < b). Rows in bold: p (Holm for pairs) < 0.05.")
             + _table_html(shown, max_rows=len(shown), emphasize=significant))
     return Section("statistics", "Statistics", text, findings=findings)
 
@@ -411,7 +413,7 @@ h1 { margin-bottom: 4px; } h2 { border-bottom: 1px solid #ccc; padding-top: 12px
 nav ol { columns: 2; margin: 8px 0 16px; }
 .table { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 13px; margin: 6px 0 12px; }
-th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
+th, td { border: 1px solid #ddd; padding: 3px 4px; text-align: right; }
 th { background: #f1f3f6; font-size: 12px; } td.text, table.settings th, table.settings td { text-align: left; }
 .findings { background: #eef4fb; border: 1px solid #c9daf0; padding: 6px 16px; }
 tr.significant td { font-weight: 600; background: #fff6e0; }

@@ -43,7 +43,7 @@ def explain_smoothgrad(window: SlidingWindow, data: torch.Tensor, masks: dict[in
     """SmoothGrad maps exactly as `nnxai explain` makes them (same sampling, noise, noise stream and aggregation)."""
     results = dict(smoothgrad_maps(window, data, masks, settings.sampling(), settings.noise,
                                    noise_generator(settings.seed, case), settings.lesion_label, settings.aggregation,
-                                   GradientEngine(amp=settings.amp)))
+                                   GradientEngine(amp=settings.amp), noise_channel=settings.noise_range_channel))
     return {instance_id: result.map for instance_id, result in results.items()}
 
 

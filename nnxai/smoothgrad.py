@@ -357,9 +357,9 @@ def noise_generator(seed: int, case: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(case.encode()))
 
 
-def noise_sigma(data: torch.Tensor, noise: float) -> float:
-    """SmoothGrad noise level: `noise` x (max - min) of the FLAIR channel (channel 0) of the network input."""
-    flair = data[0]
+def noise_sigma(data: torch.Tensor, noise: float, channel: int = 0) -> float:
+    """SmoothGrad noise level: `noise` x (max - min) of the FLAIR channel (index `channel`) of the network input."""
+    flair = data[channel]
     return float(noise * (flair.max() - flair.min()))
 
 
@@ -394,6 +394,7 @@ def smoothgrad_maps(
     aggregation: str = "mean",
     engine: GradientEngine | None = None,
     progress: bool = False,
+    noise_channel: int = 0,
 ) -> Iterator[tuple[int, SaliencyMap]]:
     """(instance id, SmoothGrad map with the samples it used and its relative standard error), instance by instance.
 
@@ -401,7 +402,8 @@ def smoothgrad_maps(
     auto sampling, when it stops) depends only on its own mask and the noise stream. Instances are explained
     `engine.max_maps` at a time: a group's maps are yielded (to be written and dropped) before the next group
     starts, which replays the same noise draws; each further group costs one more forward pass per tile and
-    sample, and memory holds one group's maps instead of all.
+    sample, and memory holds one group's maps instead of all. The noise sigma is `noise` x the range of channel
+    `noise_channel` (FLAIR), for every channel.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -413,12 +415,12 @@ def smoothgrad_maps(
     for first in range(0, len(ids), size):
         generator.set_state(start)
         group = {instance_id: masks[instance_id] for instance_id in ids[first:first + size]}
-        yield from _group_maps(window, data, group, sampling, noise, generator, lesion_channel, aggregation, engine,
-                               progress)
+        yield from _group_maps(window, data, group, sampling, noise_sigma(data, noise, noise_channel), generator,
+                               lesion_channel, aggregation, engine, progress)
 
 
 def _group_maps(window: SlidingWindow, data: torch.Tensor, masks: Mapping[int, np.ndarray], sampling: Sampling,
-                noise: float, generator: torch.Generator, lesion_channel: int, aggregation: str,
+                sigma: float, generator: torch.Generator, lesion_channel: int, aggregation: str,
                 engine: GradientEngine, progress: bool) -> Iterator[tuple[int, SaliencyMap]]:
     """The maps of instances sharing every forward pass."""
     layout = window.layout(data.shape[1:])
@@ -428,7 +430,6 @@ def _group_maps(window: SlidingWindow, data: torch.Tensor, masks: Mapping[int, n
     # fixed-count mean aggregation adds every tile's gradient straight into the sum (no per-sample map held)
     direct = not auto and aggregation == "mean"
     active = [w for w in work.values() if w.tiles]
-    sigma = noise_sigma(data, noise)
     sample_step = _mean_sample if aggregation == "mean" else _max_sample
     graph_bytes = 0
     if engine.memory_budget_mb is not None and active:

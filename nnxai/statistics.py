@@ -6,6 +6,10 @@ with a Kruskal-Wallis test over all groups, then pairwise two-sided Mann-Whitney
 Holm-corrected within that channel and peak, with Cliff's delta as effect size
 (delta = P(a > b) - P(a < b), from -1 to 1; positive when group_a tends to be larger).
 Groups with fewer than `min_n` values are not tested; their rows say "n too small".
+
+The unit of analysis (`level`, recorded in every row): "lesion" takes every lesion as one value, treating
+lesions of one patient as independent; "patient" first takes each case's median per group, so every patient
+(an nnU-Net case) counts once per group and no patient with many lesions dominates.
 """
 from __future__ import annotations
 
@@ -25,8 +29,10 @@ SYNTHETIC_TABLE = "synthetic.csv"
 SYNTHETIC_GROUP = "synthetic"
 SYNTHETIC_COLUMNS = ("case", "lesion_id", "size_mm3", "flair_factor", "t1_factor", "detected", "mean_probability")
 STATS_COLUMNS = ["method", "channel", "peak", "test", "group_a", "group_b", "n_a", "n_b", "statistic", "p_value",
-                 "p_holm", "cliffs_delta", "median_a", "median_b", "note"]
+                 "p_holm", "cliffs_delta", "median_a", "median_b", "note", "level"]
 TOO_SMALL = "n too small"
+LEVELS = {"lesion": "lesions (every lesion one value; lesions of one patient treated as independent)",
+          "patient": "patients (each case's median per group: every patient counts once per group)"}
 
 
 def holm(p_values: np.ndarray) -> np.ndarray:
@@ -52,22 +58,22 @@ def synthetic_table(output: ExplainOutput) -> pd.DataFrame | None:
 
 
 def peak_values(output: ExplainOutput, method: str | None = None) -> pd.DataFrame:
-    """Long table (group, channel, peak, value) of every instance's and synthetic lesion's peaks, NaN dropped."""
+    """Long table (case, group, channel, peak, value) of every instance's and synthetic lesion's peaks, NaN dropped."""
     method = method or output.method
     columns = [peak_column(method, channel, peak) for channel in output.channels for peak in PEAKS]
-    require_columns(output.instances, columns, output.folder / "instances.csv")
-    sources = [output.instances[["group", *columns]]]
+    require_columns(output.instances, ["case", *columns], output.folder / "instances.csv")
+    sources = [output.instances[["case", "group", *columns]]]
     synthetic = synthetic_table(output)
     if synthetic is not None:
         require_columns(synthetic, columns, output.experiments / SYNTHETIC_TABLE)
-        sources.append(synthetic[columns].assign(group=SYNTHETIC_GROUP))
+        sources.append(synthetic[["case", *columns]].assign(group=SYNTHETIC_GROUP))
     rows = []
     for source in sources:
         for channel in output.channels:
             for peak in PEAKS:
                 values = pd.to_numeric(source[peak_column(method, channel, peak)], errors="coerce")
-                rows.append(pd.DataFrame({"group": source["group"].astype(str), "channel": channel, "peak": peak,
-                                          "value": values}))
+                rows.append(pd.DataFrame({"case": source["case"].astype(str), "group": source["group"].astype(str),
+                                          "channel": channel, "peak": peak, "value": values}))
     return pd.concat(rows, ignore_index=True).dropna(subset=["value"])
 
 
@@ -105,17 +111,28 @@ def compare_groups(values: dict[str, np.ndarray], min_n: int) -> list[dict]:
     return rows + pairs
 
 
-def group_statistics(output: ExplainOutput, min_n: int = 3, method: str | None = None) -> pd.DataFrame:
-    """The tidy statistics table of an explain output (plus its synthetic lesions when present)."""
+def patient_medians(values: pd.DataFrame) -> pd.DataFrame:
+    """Peak values (see `peak_values`) reduced to one per case, group, channel and peak: their median."""
+    return values.groupby(["case", "group", "channel", "peak"], as_index=False, sort=False)["value"].median()
+
+
+def group_statistics(output: ExplainOutput, min_n: int = 3, method: str | None = None,
+                     level: str = "lesion") -> pd.DataFrame:
+    """The tidy statistics table of an explain output (plus its synthetic lesions when present), with lesions or
+    patients as the unit of analysis (`level`, see module doc)."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
     method = method or output.method
     values = peak_values(output, method)
+    if level == "patient":
+        values = patient_medians(values)
     groups = ordered_groups(values["group"])
     rows = []
     for channel in output.channels:
         for peak in PEAKS:
             family = values[(values.channel == channel) & (values.peak == peak)]
             by_group = {g: family.loc[family.group == g, "value"].to_numpy(dtype=float) for g in groups}
-            rows += [{"method": method, "channel": channel, "peak": peak, **row}
+            rows += [{"method": method, "channel": channel, "peak": peak, **row, "level": level}
                      for row in compare_groups(by_group, min_n)]
     return pd.DataFrame(rows, columns=STATS_COLUMNS)
 

@@ -21,9 +21,9 @@ synthetic lesion gets a row: detected or not, mean lesion probability inside it,
 - Detection follows the run's matching rule: the lesion counts as detected when a predicted component (after
   `min_size`) matches it (any overlap, or IoU). Its explained region is then the matching predicted
   component(s); when missed, the inserted mask itself (as for a false negative).
-- Cost: the modified volume is preprocessed whole (nnU-Net's normalization sees the lesion), but only the
-  sliding-window tiles near the synthetic lesions are predicted (`experiments.predict_near`, exact for the
-  lesions and every predicted component touching them).
+- Prediction: the modified volume is preprocessed and predicted whole by nnU-Net's own predictor, as `nnxai
+  explain` would predict the saved volume (nnU-Net's normalization sees the lesion; near the threshold only
+  nnU-Net's own float16 arithmetic gives its segmentation voxel for voxel).
 """
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 
 from dataset_conversion.phantom import apply_lesion_contrast, lesion_blob
-from nnxai.experiments import (ExperimentError, ExperimentOutcome, channel_index, experiment_folder,
-                               matching_components, predict, predict_near, preprocess_copy, run_cases)
+from nnxai.channels import channel_index
+from nnxai.experiments import (ExperimentError, ExperimentOutcome, experiment_folder, matching_components, predict,
+                               run_cases)
 from nnxai.explain import (CaseError, ExplainSettings, LesionInstance, check_channels, instance_maps,
                            instance_network_masks, instance_row, read_ground_truth)
 from nnxai.explain import table_columns as instance_table_columns
@@ -272,9 +273,8 @@ def synthetic_case(model: LoadedModel, window: SlidingWindow, case: str, files: 
     for volume_id in tqdm(volume_ids, desc=case, unit="volume", disable=not progress, leave=False):
         lesions = [lesion for lesion in placement.placed if lesion.volume_id == volume_id]
         modified = insert_lesions(images, lesions, flair_channel, t1_channel, design, spacing, rng)
-        data, volume_properties = preprocess_copy(model, modified, properties)
-        inserted = np.logical_or.reduce([lesion.mask for lesion in lesions])
-        prediction = predict_near(model, window, data, volume_properties, inserted, settings)
+        prediction = predict(model, window, modified, properties, settings)
+        data, volume_properties = prediction.data, prediction.properties
         components = label_components(prediction.binary, settings.connectivity, settings.min_size)
         regions = {lesion.planned.lesion_id: matching_components(components, lesion.mask, settings)
                    for lesion in lesions}

@@ -1,6 +1,7 @@
 """`nnxai explain` end to end on a tiny trained model: faithful to nnU-Net, right geometry, resumable, safe."""
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -12,9 +13,11 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from scipy import ndimage
 
 from nnxai.cli import main
-from nnxai.explain import CaseError, ExplainSettings, explain_cohort, find_cases, read_ground_truth, shard
+from nnxai.explain import (CaseError, ExplainSettings, check_settings, explain_cohort, find_cases, instance_maps,
+                           read_ground_truth, run_record, shard)
 from nnxai.geometry import preprocess, to_network_space, to_original_space, world_coordinates
 from nnxai.model import ModelError, load_model
+from nnxai.smoothgrad import GradientEngine, Sampling, smoothgrad_maps
 from tests.fake_model import write_case, write_model_folder
 
 SETTINGS = ExplainSettings(samples=2)
@@ -74,6 +77,27 @@ def test_logits_are_nnunet_predictors_own_for_a_fold_ensemble(tmp_path):
         assert all(torch.equal(value, network.state_dict()[key]) for key, value in fold_weights.items())
     assert not torch.equal(*(next(iter(fold_weights.values())) for fold_weights in weights))  # two different folds
 
+
+
+def test_noise_sigma_comes_from_the_channel_named_flair(cohort):
+    root, model, _ = cohort
+    flair_second = replace(model, dataset_json={**model.dataset_json, "channel_names": {"0": "T1", "1": "FLAIR"}})
+    settings = check_settings(flair_second, ExplainSettings(samples=1, noise=0.1))
+    assert settings.noise_channel == 1
+    data = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    data[1] = 0.5  # a constant FLAIR: noise 0.1 x its range 0, so the map is the noise-free gradient
+    mask = np.zeros((16, 16, 16), bool)
+    mask[6:9, 6:9, 6:9] = True
+    window = flair_second.sliding_window(use_mirroring=False)
+    (_, _, noisy, _), = instance_maps(window, data, {1: mask}, flair_second.channel_names, settings, "c", GradientEngine())
+    noise_free = dict(smoothgrad_maps(window, data, {1: mask}, Sampling(1), noise=0.0))[1].map
+    np.testing.assert_array_equal(noisy, noise_free)
+    assert run_record(flair_second, settings, root / "images", None)["noise_channel_note"] is None
+    unnamed = replace(model, dataset_json={**model.dataset_json, "channel_names": {"0": "T2", "1": "PD"}})
+    assert check_settings(unnamed, ExplainSettings()).noise_channel == 0
+    assert run_record(unnamed, settings, root / "images", None)["noise_channel_note"] == (
+        "no input channel is named FLAIR in dataset.json (T2, PD): the SmoothGrad noise sigma is taken from the "
+        "range of channel 0 (T2)")
 
 def test_groups_and_tables_match_instance_map(cohort):
     root, _, _ = cohort

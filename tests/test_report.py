@@ -49,7 +49,7 @@ def write_experiments(out: Path, seed: int = 0) -> None:
                                   for c in ("FLAIR", "T1") for s in range(5)])
     randomization.to_csv(sanity / "randomization.csv", index=False)
     verdicts = pd.DataFrame({"method": "smoothgrad", "channel": ["FLAIR", "T1"], "statistic": "spearman_abs",
-                             "instances": 2, "threshold": 0.5, "verdict": ["pass", "FAIL"]})
+                             "instances": 2, "threshold": 0.5, "verdict": ["pass", "FAIL"], "constant_maps": 0})
     for column in VERDICT_COLUMNS[len(verdicts.columns):]:  # as wide as the real table
         verdicts[column] = [0.137137617, 0.6213303508]
     verdicts.to_csv(sanity / "randomization_verdicts.csv", index=False)
@@ -105,6 +105,8 @@ def test_complete_report_has_every_section_and_figure(complete):
             in page.split("<nav>")[0])  # failing checks are in the summary at the top
     assert "FLAIR peak pos saliency across TP, FP, FN, synthetic: Kruskal-Wallis p = " in page.split("<nav>")[0]
     assert "kruskal" in section_html(page, "statistics")
+    assert "Unit of analysis: lesions (every lesion one value; lesions of one patient treated as independent)" \
+        in section_html(page, "statistics")
     assert not list(out.glob(".report*"))
 
 

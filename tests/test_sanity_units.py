@@ -10,7 +10,8 @@ from torch import nn
 
 from nnxai.faithfulness import (DELETION, INSERTION, _InstanceProbe, deletion_areas, deletion_groups,
                                 parse_percentages)
-from nnxai.randomization import block_name, compare_maps, randomizable_blocks, randomized_copy
+from nnxai.randomization import (CASCADING, COLUMNS, Step, _comparison_rows, block_name, compare_maps,
+                                 randomizable_blocks, randomization_verdicts, randomized_copy)
 from nnxai.sanity import SanityError, instance_box, instance_logits, select_instances
 from nnxai.sliding_window import SlidingWindow
 from tests.conftest import tiny_unet
@@ -73,9 +74,29 @@ def test_map_comparison_statistics():
     unrelated = compare_maps(original, rng.normal(size=(9, 9, 9)))
     assert all(abs(value) < 0.15 for value in unrelated.values())
     emptied = compare_maps(original, np.zeros_like(original))  # e.g. Grad-CAM++ of a random network: all zero
-    assert emptied["spearman_abs"] == 0 and emptied["spearman_signed"] == 0
+    assert np.isnan(emptied["spearman_abs"]) and np.isnan(emptied["spearman_signed"])  # no ranking, not "0"
     assert np.isnan(compare_maps(np.ones_like(original), original)["spearman_abs"])  # no ranking to keep
 
+
+
+def test_constant_randomized_maps_get_their_own_verdict_not_a_pass():
+    rng = np.random.default_rng(1)
+    originals = {i: rng.normal(size=(1, 9, 9, 9)) for i in (1, 2, 3)}
+    box = (slice(None),) * 4
+    final = Step(CASCADING, 1, "encoder.stages.0", ("encoder.stages.0",))
+
+    def verdict(randomized: dict[int, np.ndarray]) -> pd.Series:
+        rows = _comparison_rows("case_0", dict.fromkeys(originals, "TP"), "gradcampp", final, originals, randomized,
+                                dict.fromkeys(originals, box), ["FLAIR"])
+        return randomization_verdicts(pd.DataFrame(rows, columns=COLUMNS)).iloc[0]
+
+    flat = verdict({i: np.zeros_like(m) for i, m in originals.items()})  # Grad-CAM++ of a random network
+    assert (flat.verdict, flat.constant_maps, flat.instances) == ("constant", 3, 0)
+    mostly_flat = verdict({1: rng.normal(size=(1, 9, 9, 9)), 2: np.zeros((1, 9, 9, 9)), 3: np.ones((1, 9, 9, 9))})
+    assert (mostly_flat.verdict, mostly_flat.constant_maps, mostly_flat.instances) == ("constant", 2, 1)
+    structured = verdict({1: rng.normal(size=(1, 9, 9, 9)), 2: rng.normal(size=(1, 9, 9, 9)),
+                          3: np.zeros((1, 9, 9, 9))})
+    assert (structured.verdict, structured.constant_maps, structured.instances) == ("passes", 1, 2)
 
 def test_instance_box_grows_by_margin_in_mm_and_stays_inside():
     mask = np.zeros((10, 12, 8), bool)

@@ -95,6 +95,8 @@ def test_noise_sigma_uses_flair_range():
     data[0, 0, 0, 0], data[0, 1, 1, 1] = -1.0, 3.0
     data[1] = 100.0
     assert noise_sigma(data, 0.05) == pytest.approx(0.2)
+    data[1, 2, 2, 2] = 80.0
+    assert noise_sigma(data, 0.05, channel=1) == pytest.approx(1.0)  # FLAIR as the second channel
 
 
 def test_noise_stream_depends_on_case_and_seed_only():

@@ -89,6 +89,25 @@ def test_cohort_with_synthetic_lesions(tmp_path):
         group_statistics(output)
 
 
+
+def test_patient_level_compares_each_cases_median_per_group(tmp_path):
+    output = load_explain_output(fake_cohort(tmp_path / "out", n_cases=4))
+    table = group_statistics(output, min_n=2, level="patient")
+    assert list(table.columns) == STATS_COLUMNS and set(table.level) == {"patient"}
+    flair = table[(table.channel == "FLAIR") & (table.peak == "peak_pos")]
+    # by hand: every case has two TP lesions, one FP and one FN
+    medians = output.instances.groupby(["group", "case"]).smoothgrad_FLAIR_peak_pos.median()
+    summary = flair[flair.test == "summary"].set_index("group_a")
+    assert summary.n_a.to_dict() == {"TP": 4, "FP": 4, "FN": 4}  # one value per patient, not 8 TP lesions
+    assert summary.median_a["TP"] == pytest.approx(medians["TP"].median())
+    overall = flair[flair.test == "kruskal"].iloc[0]
+    assert overall.p_value == pytest.approx(kruskal(medians["TP"], medians["FP"], medians["FN"]).pvalue)
+    pair = flair[(flair.group_a == "TP") & (flair.group_b == "FP")].iloc[0]
+    assert pair.statistic == mannwhitneyu(medians["TP"], medians["FP"]).statistic
+    assert set(group_statistics(output, min_n=2).level) == {"lesion"}
+    with pytest.raises(ValueError, match="level must be one of lesion, patient"):
+        group_statistics(output, level="visit")
+
 def test_cli_writes_stats_csv(tmp_path):
     out = fake_cohort(tmp_path / "out", n_cases=2)
     result = CliRunner().invoke(main, ["stats", str(out), "--min-n", "3"])
@@ -97,6 +116,8 @@ def test_cli_writes_stats_csv(tmp_path):
     fn = table[(table.test == "summary") & (table.group_a == "FN")]
     assert (fn.n_a == 2).all() and (fn.note == "n too small").all()
     assert len(table) == 2 * 2 * (3 + 1 + 3)
+    assert CliRunner().invoke(main, ["stats", str(out), "--level", "patient"]).exit_code == 0
+    assert set(pd.read_csv(out / "stats.csv").level) == {"patient"}
     table = pd.read_csv(out / "instances.csv").drop(columns="smoothgrad_FLAIR_peak_pos")
     table.to_csv(out / "instances.csv", index=False)
     result = CliRunner().invoke(main, ["stats", str(out)])

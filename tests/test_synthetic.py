@@ -12,6 +12,8 @@ from scipy import ndimage
 
 from nnxai.cli import main
 from nnxai.experiments import ExperimentError
+from nnxai.explain import nnunet_prediction
+from nnxai.geometry import preprocess_array, read_images
 from nnxai.model import load_model
 from nnxai.synthetic import (PlacedLesion, PlannedLesion, SyntheticDesign, insert_lesions, normal_appearing,
                              place_lesions, saliency_statistics, synthetic_channels, table_columns,
@@ -122,6 +124,12 @@ def test_bright_lesions_are_detected_faint_ones_not(tmp_path):
     ratio = flair / original
     assert 1.45 < ratio[ids == bright_id].max() < 1.8  # the factor inside, blended down towards the border
     assert np.allclose(ratio[~ndimage.binary_dilation(ids > 0, np.ones((3, 3, 3)), iterations=5)], 1)  # the rest: input
+    # a saved volume explained again: nnU-Net's own prediction, the probabilities of the table to the last bit
+    volume, properties = read_images(model, [saved / f"case_0_syn001_000{c}.nii.gz" for c in range(2)])
+    probability, _ = nnunet_prediction(model, torch.from_numpy(preprocess_array(model, volume, properties)),
+                                       properties, SETTINGS)
+    for row in table[table.volume_id == 1].itertuples():
+        assert row.mean_probability == float(probability[ids == row.lesion_id].mean())
 
     again = runner.invoke(main, args)
     assert again.exit_code == 0 and "1 finished earlier" in again.output

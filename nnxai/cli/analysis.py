@@ -41,7 +41,9 @@ def rings(out: Path, max_mm: int, method: str | None) -> None:
 @click.option("--min-n", type=click.IntRange(min=1), default=3, show_default=True,
               help="Fewest members a group needs to be tested.")
 @click.option("--method", default=None, help="Saliency method whose peaks to compare [default: the run's].")
-def stats(out: Path, min_n: int, method: str | None) -> None:
+@click.option("--level", type=click.Choice(["lesion", "patient"]), default="lesion", show_default=True,
+              help="Unit of analysis: every lesion, or each patient's (case's) median per group.")
+def stats(out: Path, min_n: int, method: str | None, level: str) -> None:
     """Peak saliency per channel across TP / FP / FN / synthetic lesions: OUT/stats.csv.
 
     Kruskal-Wallis over all groups, pairwise Mann-Whitney U with Holm correction, Cliff's delta.
@@ -50,7 +52,7 @@ def stats(out: Path, min_n: int, method: str | None) -> None:
 
     with input_errors():
         output = load_explain_output(out)
-        table = group_statistics(output, min_n, method)
+        table = group_statistics(output, min_n, method, level)
         path = write_statistics(output, table)
     click.echo(f"Wrote {path}")
 
