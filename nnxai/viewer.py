@@ -85,6 +85,14 @@ def _layer(name: str, volume: np.ndarray, affine: np.ndarray, box: tuple[slice, 
     return layer
 
 
+def _finite_volume(path: Path) -> np.ndarray:
+    """A volume the viewer can scale: unreadable files and NaN or Inf voxels are refused naming the file."""
+    volume = read_volume(path)[0]
+    if not np.isfinite(volume).all():
+        raise AnalysisInputError(f"{path}: contains NaN or Inf voxels")
+    return volume
+
+
 def lesion_layers(output: ExplainOutput, case: str, instance_id: int,
                   margin_mm: float) -> tuple[list[dict], list[float]]:
     """Background images, maps and outline of one lesion, cropped around it, in the order NiiVue stacks them;
@@ -98,7 +106,7 @@ def lesion_layers(output: ExplainOutput, case: str, instance_id: int,
     for index, channel in enumerate(output.channels):
         path = output.image_path(case, channel)
         if path is not None:
-            image = read_volume(path)[0]
+            image = _finite_volume(path)
             if image.shape == mask.shape:
                 layers.append(_layer(channel, image, affine, box, "gray", 1.0 if not layers else 0.0))
     if not layers:
@@ -106,10 +114,10 @@ def lesion_layers(output: ExplainOutput, case: str, instance_id: int,
     flair = output.flair_channel()
     maps = []
     if "smoothgrad" in output.methods:
-        maps.append((f"SmoothGrad {flair}", read_volume(output.map_path(case, instance_id, flair, "smoothgrad"))[0],
+        maps.append((f"SmoothGrad {flair}", _finite_volume(output.map_path(case, instance_id, flair, "smoothgrad")),
                      "warm", True))
     if "gradcampp" in output.methods:
-        maps.append(("Grad-CAM++", read_volume(gradcampp_path(output, case, instance_id))[0], "hot", False))
+        maps.append(("Grad-CAM++", _finite_volume(gradcampp_path(output, case, instance_id)), "hot", False))
     for position, (name, volume, colormap, signed) in enumerate(maps):
         if volume.shape != mask.shape:
             raise AnalysisInputError(f"{case} #{instance_id}: {name} map grid {volume.shape} differs from "
@@ -154,7 +162,7 @@ def viewer_html(lesions: list[ViewerLesion], total: int) -> str:
     note = f'<p class="note">The first {len(lesions)} of {total} lesions.</p>' if len(lesions) < total else ""
     data = [{"title": f"{lesion.row['case']} #{lesion.row['instance_id']} ({lesion.row['group']})",
              "layers": lesion.layers, "centre": lesion.centre_mm} for lesion in lesions]
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
     bundle = NIIVUE_BUNDLE.read_text(encoding="utf-8")
     return (f'<p>Click a row (or focus it and press Enter) to load that lesion into the viewer (NiiVue '
             f'{NIIVUE_VERSION}): left drag moves the crosshair, right drag sets the contrast, the wheel moves through '

@@ -68,6 +68,18 @@ def test_each_lesion_gets_its_cropped_image_map_and_outline(cohort):
     assert first.row["peak_saliency"] == table["smoothgrad_FLAIR_peak_pos"]
 
 
+def test_a_map_with_nan_leaves_its_lesion_out_with_the_file_named(tmp_path):
+    out = fake_cohort(tmp_path / "out", n_cases=1)
+    path = out / "case_000" / "smoothgrad" / "001_FLAIR.nii.gz"
+    image = nib.load(path)
+    volume = image.get_fdata()
+    volume[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(volume.astype(np.float32), image.affine), path)
+    lesions, left_out = collect_lesions(load_explain_output(out), "smoothgrad")
+    assert left_out == [f"case_000 #1: {path}: contains NaN or Inf voxels"]
+    assert len(lesions) == 3 and 1 not in [lesion.row["instance_id"] for lesion in lesions]
+
+
 def test_report_embeds_the_viewer_and_no_viewer_leaves_it_out(cohort, tmp_path):
     result = CliRunner().invoke(main, ["report", str(cohort), "--examples", "1"])
     assert result.exit_code == 0, result.output
