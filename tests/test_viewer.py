@@ -126,7 +126,8 @@ window.addEventListener("load", () => whenLoaded(0, () => {
     const crosshair = Array.from(window.nnxaiViewer.frac2mm(window.nnxaiViewer.scene.crosshairPos)).slice(0, 3);
     const requests = performance.getEntriesByType("resource").map(entry => entry.name);
     document.body.setAttribute("data-check", JSON.stringify(
-      {first, second, status, crosshair, errors: window.viewerErrors, requests, viewer: document.body.dataset.viewer || ""}));
+      {first, second, status, crosshair, errors: window.viewerErrors, requests,
+       viewer: document.body.dataset.viewer || ""}));
   });
 }));
 </script>"""
