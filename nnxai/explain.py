@@ -31,6 +31,7 @@ from nnxai.model import LoadedModel
 from nnxai.sliding_window import SlidingWindow
 from nnxai.smoothgrad import (AGGREGATIONS, AMP_DTYPES, GradientEngine, GradientError, Sampling, noise_generator,
                               smoothgrad_maps)
+from nnxai.uncertainty import UNCERTAINTY_COLUMNS, fold_probabilities, instance_uncertainty
 
 METHODS = ("smoothgrad", "gradcampp")
 CASE_TABLE = "instances.csv"
@@ -212,14 +213,16 @@ def instance_network_masks(model: LoadedModel, instances: list[LesionInstance],
 
 
 def instance_row(case: str, instance: LesionInstance, probability: np.ndarray, properties: dict,
-                 network_mask: np.ndarray) -> dict:
+                 network_mask: np.ndarray, per_fold: Sequence[np.ndarray] = ()) -> dict:
+    """The instance's columns of instances.csv before its maps: identity, size, place, probability, uncertainty."""
     voxels = int(instance.mask.sum())
     centroid = world_coordinates(properties, np.argwhere(instance.mask).mean(axis=0))
     return {"case": case, "instance_id": instance.instance_id, "group": instance.group, "voxels": voxels,
             "volume_mm3": voxels * voxel_volume_mm3(properties),
             "centroid_x": centroid[0], "centroid_y": centroid[1], "centroid_z": centroid[2],
             "mean_probability": float(probability[instance.mask].mean()),
-            "network_voxels": int(network_mask.sum())}
+            "network_voxels": int(network_mask.sum()),
+            **instance_uncertainty(instance.mask, probability, per_fold)}
 
 
 def _statistics(values: np.ndarray, columns: dict[str, str]) -> dict[str, float]:
@@ -268,6 +271,8 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
     engine = engine or GradientEngine(amp=settings.amp)
     tensor = torch.from_numpy(data)
     probability, prediction = nnunet_prediction(model, tensor, properties, settings, device)
+    per_fold = fold_probabilities(model, tensor, properties, settings.lesion_label, settings.step_size,
+                                  settings.use_mirroring, device)
     instances = case_instances(prediction, ground_truth, settings.connectivity, settings.min_size, settings.rule,
                                settings.iou_threshold)
     network_masks = instance_network_masks(model, instances, properties) if instances else {}
@@ -280,7 +285,8 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
         write_volume(prediction.astype(np.uint8), staging / "prediction.nii.gz", properties)
         write_volume(instance_labels, staging / "instances.nii.gz", properties)
         rows = {instance.instance_id: instance_row(case, instance, probability, properties,
-                                                   network_masks[instance.instance_id]) for instance in instances}
+                                                   network_masks[instance.instance_id], per_fold)
+                for instance in instances}
         for method, instance_id, network_map, columns in instance_maps(
                 window, tensor, network_masks, model.channel_names, settings, case, engine, progress):
             names = [f"{instance_id:03d}_{name}" for name in model.channel_names] if method == "smoothgrad" \
@@ -301,7 +307,7 @@ def table_columns(channel_names: list[str], methods: str | Sequence[str]) -> lis
     """Columns of the instance tables, in order."""
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     columns = ["case", "instance_id", "group", "voxels", "volume_mm3", "centroid_x", "centroid_y", "centroid_z",
-               "mean_probability", "network_voxels"]
+               "mean_probability", "network_voxels", *UNCERTAINTY_COLUMNS]
     if "smoothgrad" in methods:
         columns += [f"smoothgrad_{name}_{stat}" for name in channel_names for stat in ("peak_pos", "peak_neg", "mean")]
         columns += ["smoothgrad_samples", "smoothgrad_rel_std_error"]

@@ -7,7 +7,9 @@ filter) of every case in `OUT`:
   shell: the voxels outside it within `shell_mm` (default 2) mm of it, as `nnxai.rings` defines shells
   (spacing-aware distance transform; voxels of other instances of the case left out);
 - the same statistics of the Grad-CAM++ map when the folder holds Grad-CAM++ maps;
-- ``log_volume_mm3`` (the natural log of the instance volume) and ``mean_probability``, from the explain table.
+- ``log_volume_mm3`` (the natural log of the instance volume) and ``mean_probability``, from the explain table;
+- the uncertainty columns of the explain table (``nnxai.uncertainty``) that it holds for its predicted instances:
+  ``fold_std_probability`` (fold ensembles only) and ``mean_entropy``.
 
 Maps are read in the input geometry the explain run wrote them in. Column names:
 ``smoothgrad_<CHANNEL>_<region>_<statistic>`` and ``gradcampp_<region>_<statistic>``.
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from nnxai.explain_output import AnalysisInputError, ExplainOutput, load_explain_output, read_volume, require_columns
 from nnxai.rings import shell_labels
+from nnxai.uncertainty import UNCERTAINTY_COLUMNS
 
 SMOOTHGRAD = "smoothgrad"
 GRADCAMPP = "gradcampp"
@@ -90,7 +93,7 @@ def maps_present(output: ExplainOutput, method: str) -> bool:
 
 
 def case_features(output: ExplainOutput, case: str, instances: pd.DataFrame, smoothgrad: bool, gradcampp: bool,
-                  shell_mm: int = DEFAULT_SHELL_MM) -> list[dict]:
+                  shell_mm: int = DEFAULT_SHELL_MM, uncertainty: tuple[str, ...] = ()) -> list[dict]:
     """Feature rows of the predicted instances of one case."""
     labels_path = output.instance_labels_path(case)
     labels, spacing, _ = read_volume(labels_path)
@@ -113,6 +116,7 @@ def case_features(output: ExplainOutput, case: str, instances: pd.DataFrame, smo
             features.update(region_features(volume, inside, shell, GRADCAMPP))
         features["log_volume_mm3"] = math.log(row.volume_mm3)
         features["mean_probability"] = float(row.mean_probability)
+        features.update({column: float(getattr(row, column)) for column in uncertainty})
         rows.append(features)
     return rows
 
@@ -128,20 +132,22 @@ def instance_features(out_dir: Path, shell_mm: int = DEFAULT_SHELL_MM, progress:
         require_columns(output.instances, ("volume_mm3", "mean_probability"), output.folder / "instances.csv")
         predicted = output.instances[output.instances["group"].isin(PREDICTED_GROUPS)]
         smoothgrad, gradcampp = maps_present(output, SMOOTHGRAD), maps_present(output, GRADCAMPP)
+        uncertainty = tuple(c for c in UNCERTAINTY_COLUMNS if c in predicted and predicted[c].notna().any())
         if not (smoothgrad or gradcampp) and not predicted.empty:
             raise FeatureError(f"{out_dir}: no {SMOOTHGRAD}/ or {GRADCAMPP}/ maps in any case folder")
         rows = []
         for case, instances in tqdm(predicted.groupby("case", sort=True), desc=f"features {Path(out_dir).name}",
                                     unit="case", disable=not progress):
-            rows += case_features(output, str(case), instances, smoothgrad, gradcampp, shell_mm)
+            rows += case_features(output, str(case), instances, smoothgrad, gradcampp, shell_mm, uncertainty)
     except AnalysisInputError as error:
         raise FeatureError(str(error)) from None
-    columns = list(IDENTITY_COLUMNS) + feature_columns(output.channels, smoothgrad, gradcampp)
+    columns = list(IDENTITY_COLUMNS) + feature_columns(output.channels, smoothgrad, gradcampp, uncertainty)
     return pd.DataFrame(rows, columns=columns)
 
 
-def feature_columns(channels: list[str], smoothgrad: bool = True, gradcampp: bool = False) -> list[str]:
+def feature_columns(channels: list[str], smoothgrad: bool = True, gradcampp: bool = False,
+                    uncertainty: tuple[str, ...] = ()) -> list[str]:
     """Names of the feature columns, in table order."""
     prefixes = ([f"{SMOOTHGRAD}_{c}" for c in channels] if smoothgrad else []) + ([GRADCAMPP] if gradcampp else [])
-    return [f"{p}_{r}_{s}" for p in prefixes for r in REGIONS for s in STATISTICS] + ["log_volume_mm3",
-                                                                                     "mean_probability"]
+    return [f"{p}_{r}_{s}" for p in prefixes for r in REGIONS for s in STATISTICS] + [
+        "log_volume_mm3", "mean_probability", *uncertainty]

@@ -39,6 +39,7 @@ from nnxai.evaluation import (CasePairing, EvaluationInputError, InstanceOptions
                               list_cases, pair_cases, read_mask, with_metrics, write_atomically)
 from nnxai.explain_output import AnalysisInputError, ExplainOutput, load_explain_output
 from nnxai.features import DEFAULT_SHELL_MM, IDENTITY_COLUMNS, FeatureError, instance_features
+from nnxai.uncertainty import UNCERTAINTY_COLUMNS
 
 CLASSIFIERS = ("logistic", "forest")
 DEFAULT_THRESHOLD = 0.5
@@ -264,9 +265,14 @@ def train_filter(features: pd.DataFrame, case_to_patient: dict[str, str] | None 
     groups = patient_groups(known["case"], case_to_patient)
     pipeline = make_pipeline(classifier, C, seed)
     validation = cross_validate(X, y, groups, pipeline, n_folds, seed)
+    summary = validation.summary(y, threshold)
+    certain = [i for i, column in enumerate(columns) if column not in UNCERTAINTY_COLUMNS]
+    if len(certain) < len(columns):  # does uncertainty help? The same CV without its features
+        summary["pooled_auc_without_uncertainty"] = cross_validate(X[:, certain], y, groups, pipeline, n_folds,
+                                                                   seed).pooled_auc
     held_out_fold = dict(zip(known["case"].astype(str), validation.fold.tolist()))
     model = FPFilter(clone(pipeline).fit(X, y), columns, shell_mm, threshold, classifier,
-                     validation.summary(y, threshold), list(trained_on or []), validation.pipelines, held_out_fold)
+                     summary, list(trained_on or []), validation.pipelines, held_out_fold)
     instances = known[list(IDENTITY_COLUMNS)].assign(patient=groups, fold=validation.fold + 1,
                                                      fp_probability=validation.probability)
     return Training(model, validation, instances)

@@ -28,6 +28,7 @@ from nnxai.explain_output import (PEAKS, AnalysisInputError, ExplainOutput, orde
                                   read_table, read_volume)
 from nnxai.rings import RING_COLUMNS, RINGS_TABLE
 from nnxai.statistics import LEVELS, STATS_COLUMNS, STATS_TABLE, SYNTHETIC_TABLE, peak_values, synthetic_table
+from nnxai.viewer import DEFAULT_MAX_LESIONS, collect_lesions, viewer_html
 
 REPORT_FOLDER = "report"
 REPORT_FILE = "report.html"
@@ -376,8 +377,25 @@ def gallery_figure(output: ExplainOutput, instance, channel: str, method: str
     return f"gallery_{case}_{instance.instance_id:03d}", figure, title, image is not None
 
 
-def build_sections(output: ExplainOutput, examples: int = 3, method: str | None = None) -> list[Section]:
-    """Every section; one whose input cannot be read becomes a section that says why."""
+def viewer_section(output: ExplainOutput, method: str, max_lesions: int) -> Section:
+    """The interactive lesion viewer with its lesion table (uncertainty beside saliency), or why it is absent."""
+    section = Section("viewer", "Lesion viewer")
+    if max_lesions == 0 or output.instances.empty:
+        section.status = "No lesion to show." if output.instances.empty else "Viewer switched off (--no-viewer)."
+        return section
+    lesions, left_out = collect_lesions(output, method, max_lesions)
+    if not lesions:
+        section.status = "No lesion could be shown: " + "; ".join(left_out[:3])
+        return section
+    section.html = viewer_html(lesions, len(output.instances)) + "".join(
+        f'<p class="note">Left out {html.escape(reason)}</p>' for reason in left_out)
+    return section
+
+
+def build_sections(output: ExplainOutput, examples: int = 3, method: str | None = None,
+                   viewer_lesions: int = DEFAULT_MAX_LESIONS) -> list[Section]:
+    """Every section; one whose input cannot be read becomes a section that says why (`viewer_lesions` 0: no
+    viewer)."""
     method = method or output.method
     builders: list[tuple[str, str, Callable[[], Section]]] = [
         ("cohort", "Cohort summary", lambda: cohort_section(output)),
@@ -388,6 +406,7 @@ def build_sections(output: ExplainOutput, examples: int = 3, method: str | None 
         ("synthetic", "Synthetic lesions: dose-response", lambda: synthetic_section(output, method)),
         ("sanity", "Sanity checks", lambda: sanity_section(output)),
         ("gallery", "Example lesions", lambda: gallery_section(output, examples, method)),
+        ("viewer", "Lesion viewer", lambda: viewer_section(output, method, viewer_lesions)),
     ]
     sections = []
     for key, title, build in builders:
@@ -419,6 +438,9 @@ th { background: #f1f3f6; font-size: 12px; } td.text, table.settings th, table.s
 tr.significant td { font-weight: 600; background: #fff6e0; }
 figure { margin: 12px 0 20px; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption, .note { font-size: 13px; color: #555; }
+#nnxai-viewer-canvas { width: 100%; height: 420px; background: #000; display: block; }
+#nnxai-viewer-layers button { margin: 0 6px 6px 0; } #nnxai-viewer-layers button.on { font-weight: 600; }
+table.lesions tr[data-lesion] { cursor: pointer; } table.lesions tr.selected td { background: #e3efff; }
 .status { padding: 8px 12px; background: #f4f4f4; border-left: 4px solid #999; color: #444; }
 .finding { font-size: 16px; } pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 12px; }
 """
@@ -449,9 +471,10 @@ def render_html(output: ExplainOutput, sections: list[Section], images: dict[str
             "</body></html>\n")
 
 
-def write_report(output: ExplainOutput, examples: int = 3, method: str | None = None) -> Path:
+def write_report(output: ExplainOutput, examples: int = 3, method: str | None = None,
+                 viewer_lesions: int = DEFAULT_MAX_LESIONS) -> Path:
     """Build OUT/report/ (report.html and one PNG per figure) under a temporary name, then swap it in."""
-    sections = build_sections(output, examples, method)
+    sections = build_sections(output, examples, method, viewer_lesions)
     images = {stem: png_bytes(figure) for section in sections for stem, figure, _ in section.figures}
     images.update({stem: data for section in sections for stem, data, _ in section.images})
     final = output.folder / REPORT_FOLDER

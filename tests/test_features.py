@@ -3,6 +3,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from nnxai.features import (FeatureError, feature_columns, first_order_statistics, instance_features,
@@ -87,6 +88,20 @@ def test_features_of_a_hand_built_case(tmp_path):
     assert second["smoothgrad_FLAIR_shell_peak_pos"] == 3.0 and second["smoothgrad_FLAIR_shell_peak_neg"] == 0.0
     assert second["smoothgrad_FLAIR_inside_mean"] == 0.0 and second["mean_probability"] == 0.6
     assert not table.isna().any().any()
+
+
+def test_uncertainty_columns_of_the_explain_table_become_features(tmp_path):
+    hand_built_output(tmp_path)
+    for path in (tmp_path / "instances.csv", tmp_path / "c1" / "instances.csv"):  # a single-fold run: no fold std
+        pd.read_csv(path).assign(fold_std_probability=np.nan, mean_entropy=[0.25, 0.75, 0.5]).to_csv(path, index=False)
+    table = instance_features(tmp_path)
+    assert list(table.columns)[3:] == feature_columns(["FLAIR", "T1"], uncertainty=("mean_entropy",))
+    assert table["mean_entropy"].tolist() == [0.25, 0.75]
+    for path in (tmp_path / "instances.csv", tmp_path / "c1" / "instances.csv"):  # a fold ensemble
+        pd.read_csv(path).assign(fold_std_probability=[0.1, 0.3, np.nan]).to_csv(path, index=False)
+    table = instance_features(tmp_path)
+    assert table.columns[-2:].tolist() == ["fold_std_probability", "mean_entropy"]
+    assert table["fold_std_probability"].tolist() == [0.1, 0.3]
 
 
 def test_gradcampp_features_when_maps_present(tmp_path):

@@ -40,6 +40,13 @@ def test_filter_finds_the_shifted_feature():
     assert 0.3 < null.cross_validation.pooled_auc < 0.7
 
 
+def test_auc_without_uncertainty_is_reported_beside_the_full_one():
+    features = synthetic_features().rename(columns={"signal": "mean_entropy"})  # FP lesions: higher entropy
+    summary = train_filter(features, n_folds=5).model.cross_validation
+    assert summary["pooled_auc"] > 0.95 and 0.3 < summary["pooled_auc_without_uncertainty"] < 0.7
+    assert "pooled_auc_without_uncertainty" not in train_filter(synthetic_features(), n_folds=5).model.cross_validation
+
+
 def test_cross_validation_never_splits_a_patient_and_scales_on_training_folds_only():
     features = synthetic_features(n_patients=12, per_patient=6)
     case_to_patient = {f"case{i:02d}": f"patient{i // 3}" for i in range(12)}  # three cases per patient

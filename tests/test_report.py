@@ -19,7 +19,7 @@ from nnxai.rings import ring_table, write_rings
 from nnxai.statistics import group_statistics, write_statistics
 from tests.fake_explain_output import fake_cohort
 
-SECTIONS = ["cohort", "peaks", "statistics", "rings", "context", "synthetic", "sanity", "gallery"]
+SECTIONS = ["cohort", "peaks", "statistics", "rings", "context", "synthetic", "sanity", "gallery", "viewer"]
 
 
 def write_experiments(out: Path, seed: int = 0) -> None:
@@ -168,7 +168,8 @@ window.addEventListener("load", () => {
 def test_report_renders_in_headless_chromium(complete, tmp_path):
     out, path = complete
     page = tmp_path / "checked.html"
-    page.write_text(path.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
+    body, end = path.read_text().rsplit("</body>", 1)  # the page's own end: the inlined viewer holds others
+    page.write_text(body + CHECK_SCRIPT + "</body>" + end)
     flags = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
              "--virtual-time-budget=10000", "--window-size=1280,2400"]

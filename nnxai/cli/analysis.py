@@ -62,10 +62,14 @@ def stats(out: Path, min_n: int, method: str | None, level: str) -> None:
 @click.option("--examples", type=click.IntRange(min=0), default=3, show_default=True,
               help="Gallery lesions per group.")
 @click.option("--method", default=None, help="Saliency method to show [default: the run's].")
-def report(out: Path, examples: int, method: str | None) -> None:
+@click.option("--viewer/--no-viewer", default=True, show_default=True,
+              help="Embed the interactive 3D lesion viewer (NiiVue, WebGL2); the static slices stay either way.")
+@click.option("--viewer-lesions", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Most lesions the viewer embeds (each adds its cropped volumes to the page).")
+def report(out: Path, examples: int, method: str | None, viewer: bool, viewer_lesions: int) -> None:
     """One self-contained HTML report of all analyses: OUT/report/report.html (figures also as PNG)."""
     from nnxai.report import write_report
 
     with input_errors():
-        path = write_report(load_explain_output(out), examples, method)
+        path = write_report(load_explain_output(out), examples, method, viewer_lesions if viewer else 0)
     click.echo(f"Wrote {path}")

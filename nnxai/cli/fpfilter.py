@@ -67,6 +67,9 @@ def train(out_dirs: tuple[Path, ...], output: Path, patients: Path | None, class
                f"{training.instances['patient'].nunique()} patients, {len(training.model.feature_columns)} features")
     click.echo(f"{summary['folds']}-fold patient-grouped CV: pooled out-of-fold AUC {summary['pooled_auc']:.3f}; "
                f"per fold {fold_auc}")
+    if "pooled_auc_without_uncertainty" in summary:
+        click.echo(f"the same CV without the uncertainty features: pooled AUC "
+                   f"{summary['pooled_auc_without_uncertainty']:.3f}")
     click.echo(f"out of fold at threshold {threshold}: would remove {summary['fp_removed']} of {summary['fp']} FP "
                f"and {summary['tp_removed']} of {summary['tp']} TP instances")
     coefficients = training.model.coefficients()

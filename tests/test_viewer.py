@@ -1,0 +1,155 @@
+"""The report's offline lesion viewer: crops and their NIfTI encoding, the embedded page, and NiiVue in Chromium."""
+import base64
+import gzip
+import json
+import re
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from nnxai.cli import main
+from nnxai.explain_output import load_explain_output
+from nnxai.viewer import NIIVUE_BUNDLE, NIIVUE_VERSION, collect_lesions, crop_box, nifti_base64
+from tests.fake_explain_output import fake_cohort
+from tests.test_report import chromium
+
+
+def decode(data: str) -> nib.Nifti1Image:
+    return nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(data)))
+
+
+def test_crop_box_adds_the_margin_in_millimetres_and_stays_inside():
+    mask = np.zeros((20, 10, 8), bool)
+    mask[5:8, 2:4, 6] = True
+    box = crop_box(mask, (1.0, 0.5, 2.0), margin_mm=3.0)
+    assert box == (slice(2, 11), slice(0, 10), slice(4, 8))  # 3, 6 and 2 voxels, clipped at the edges
+
+
+def test_crop_keeps_its_place_in_the_world_and_its_values():
+    affine = np.array([[0.0, -2.0, 0.0, 10.0], [1.5, 0.0, 0.0, -4.0], [0.0, 0.0, 3.0, 7.0], [0, 0, 0, 1]])
+    volume = np.random.default_rng(0).normal(0, 0.01, (12, 9, 6))
+    box = (slice(3, 8), slice(2, 9), slice(1, 4))
+    image = decode(nifti_base64(volume, affine, box))
+    assert image.get_data_dtype() == np.int16  # scaled integers keep the page small
+    crop = image.get_fdata()
+    assert crop.shape == (5, 7, 3)
+    assert np.allclose(crop, volume[box], atol=np.abs(volume[box]).max() / 30000)
+    assert np.allclose(image.affine @ [0, 0, 0, 1], affine @ [3, 2, 1, 1])  # voxel (0,0,0) of the crop = (3,2,1)
+    outline = decode(nifti_base64(volume > 0, affine, box))
+    assert outline.get_data_dtype() == np.uint8 and np.array_equal(outline.get_fdata() > 0, volume[box] > 0)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return fake_cohort(tmp_path_factory.mktemp("viewer") / "out", n_cases=2)
+
+
+def test_each_lesion_gets_its_cropped_image_map_and_outline(cohort):
+    output = load_explain_output(cohort)
+    lesions, left_out = collect_lesions(output, "smoothgrad", max_lesions=3, margin_mm=2.0)
+    assert not left_out and [lesion.row["group"] for lesion in lesions] == ["TP", "TP", "TP"]
+    assert [(lesion.row["case"], lesion.row["instance_id"]) for lesion in lesions] == [  # largest TP first
+        ("case_001", 4), ("case_000", 1), ("case_000", 2)]
+    first = lesions[0]
+    assert [layer["label"] for layer in first.layers] == ["FLAIR", "SmoothGrad FLAIR", "outline"]
+    labels = nib.load(cohort / str(first.row["case"]) / "instances.nii.gz")
+    mask = np.asarray(labels.dataobj) == first.row["instance_id"]
+    outline = decode(first.layers[2]["data"])
+    found = np.argwhere(mask)
+    assert outline.shape == tuple(found.max(0) - found.min(0) + 1 + 2 * np.ceil(2.0 / np.array([1.0, 1.0, 1.5])))
+    assert outline.get_fdata().sum() < mask.sum()  # the border, not the whole lesion
+    saliency = first.layers[1]
+    assert saliency["colormapNegative"] == "winter" and saliency["cal_min"] == pytest.approx(0.1 * saliency["cal_max"])
+    assert np.allclose(first.centre_mm, (labels.affine @ [*found.mean(axis=0), 1])[:3])
+    table = output.instances.set_index(["case", "instance_id"]).loc[(first.row["case"], first.row["instance_id"])]
+    assert first.row["peak_saliency"] == table["smoothgrad_FLAIR_peak_pos"]
+
+
+def test_a_map_with_nan_leaves_its_lesion_out_with_the_file_named(tmp_path):
+    out = fake_cohort(tmp_path / "out", n_cases=1)
+    path = out / "case_000" / "smoothgrad" / "001_FLAIR.nii.gz"
+    image = nib.load(path)
+    volume = image.get_fdata()
+    volume[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(volume.astype(np.float32), image.affine), path)
+    lesions, left_out = collect_lesions(load_explain_output(out), "smoothgrad")
+    assert left_out == [f"case_000 #1: {path}: contains NaN or Inf voxels"]
+    assert len(lesions) == 3 and 1 not in [lesion.row["instance_id"] for lesion in lesions]
+
+
+def test_report_embeds_the_viewer_and_no_viewer_leaves_it_out(cohort, tmp_path):
+    result = CliRunner().invoke(main, ["report", str(cohort), "--examples", "1"])
+    assert result.exit_code == 0, result.output
+    page = (cohort / "report" / "report.html").read_text()
+    viewer = re.search(r'<section id="viewer">(.*?)</section>', page, re.S).group(1)
+    data = json.loads(re.search(r'<script type="application/json" id="nnxai-viewer-data">(.*?)</script>',
+                                viewer, re.S).group(1))
+    instances = load_explain_output(cohort).instances
+    assert len(data) == len(instances) == len(re.findall(r'<tr data-lesion="\d+"', viewer)) == 8
+    assert NIIVUE_BUNDLE.read_text()[:200] in viewer and f"NiiVue {NIIVUE_VERSION}" in viewer
+    assert "http://" not in viewer.replace(NIIVUE_BUNDLE.read_text(), "")  # nothing to fetch but the page
+    with_viewer = len(page.encode())
+    result = CliRunner().invoke(main, ["report", str(cohort), "--examples", "1", "--no-viewer"])
+    assert result.exit_code == 0, result.output
+    page = (cohort / "report" / "report.html").read_text()
+    assert "Viewer switched off (--no-viewer)." in page and "niivue" not in page.lower()
+    assert with_viewer - len(page.encode()) > NIIVUE_BUNDLE.stat().st_size  # the bundle and the volumes
+
+
+CHECK_VIEWER = """<script>
+window.viewerErrors = [];
+window.addEventListener("error", event => window.viewerErrors.push(String(event.message)));
+const consoleError = console.error;
+console.error = (...args) => { window.viewerErrors.push(args.join(" ")); consoleError(...args); };
+function litPixels() {
+  const nv = window.nnxaiViewer, gl = nv.gl;
+  nv.drawScene();
+  const pixels = new Uint8Array(gl.drawingBufferWidth * gl.drawingBufferHeight * 4);
+  gl.readPixels(0, 0, gl.drawingBufferWidth, gl.drawingBufferHeight, gl.RGBA, gl.UNSIGNED_BYTE, pixels);
+  let lit = 0;
+  for (let i = 0; i < pixels.length; i += 4) lit += (pixels[i] + pixels[i + 1] + pixels[i + 2]) > 30;
+  return lit;
+}
+function whenLoaded(index, then) {
+  const wait = () => document.body.dataset.viewerLesion === String(index) ? then() : setTimeout(wait, 50);
+  wait();
+}
+window.addEventListener("load", () => whenLoaded(0, () => {
+  const first = litPixels();
+  document.querySelector('tr[data-lesion="1"]').click();
+  whenLoaded(1, () => {
+    const second = litPixels();
+    const status = document.getElementById("nnxai-viewer-status").textContent;
+    const crosshair = Array.from(window.nnxaiViewer.frac2mm(window.nnxaiViewer.scene.crosshairPos)).slice(0, 3);
+    const requests = performance.getEntriesByType("resource").map(entry => entry.name);
+    document.body.setAttribute("data-check", JSON.stringify(
+      {first, second, status, crosshair, errors: window.viewerErrors, requests,
+       viewer: document.body.dataset.viewer || ""}));
+  });
+}));
+</script>"""
+
+
+@pytest.mark.skipif(chromium() is None, reason="no chromium binary (apt-get install chromium) to render the report")
+def test_viewer_renders_and_loads_a_clicked_lesion_in_headless_chromium(cohort, tmp_path):
+    from nnxai.report import write_report
+
+    path = write_report(load_explain_output(cohort), examples=0)
+    page = tmp_path / "checked.html"
+    page.write_text(path.read_text().replace("<head>", "<head>" + CHECK_VIEWER, 1))
+    flags = [chromium(), "--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+             "--disable-background-networking", "--disable-component-update", "--no-first-run",
+             "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=60000", "--window-size=1280,1600"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=300).stdout
+    found = re.search(r'data-check="([^"]*)"', dom)
+    assert found, "the viewer never finished loading the first two lesions"
+    check = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert check["viewer"] == "" and check["errors"] == [] and check["requests"] == []
+    assert check["first"] > 10_000 and check["second"] > 10_000  # lit pixels of a 1100 x 420 canvas
+    assert check["status"].startswith("case_000 #1 (TP)")  # the second row's lesion
+    data = json.loads(re.search(r'id="nnxai-viewer-data">(.*?)</script>', path.read_text(), re.S).group(1))
+    assert np.allclose(check["crosshair"], data[1]["centre"], atol=0.8)  # the crosshair starts in the lesion
