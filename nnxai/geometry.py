@@ -47,9 +47,12 @@ def _network_and_original_spacing(model: LoadedModel, properties: dict) -> tuple
 
 
 def probabilities_in_original_space(model: LoadedModel, logits: torch.Tensor, properties: dict) -> np.ndarray:
-    """Softmax probabilities (K, *input shape), resampled, uncropped and transposed back exactly as nnU-Net exports."""
+    """Softmax probabilities (K, *input shape), resampled, uncropped and transposed back exactly as nnU-Net exports.
+
+    The logits are resampled in their own dtype, as nnU-Net's export resamples its float16 logits: resampling
+    rounds to that dtype, which decides near-ties between classes."""
     _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
-        logits.detach().cpu().float(), model.plans_manager, model.configuration_manager, model.label_manager,
+        logits.detach().cpu(), model.plans_manager, model.configuration_manager, model.label_manager,
         properties, return_probabilities=True, num_threads_torch=torch.get_num_threads())
     return probabilities
 

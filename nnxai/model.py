@@ -63,7 +63,8 @@ class LoadedModel:
     def nnunet_logits(self, data: torch.Tensor, step_size: float = 0.5, use_mirroring: bool = True,
                       device: torch.device | str = "cpu") -> torch.Tensor:
         """Logits (K, *spatial) of a preprocessed volume from nnU-Net's own predictor: its float16 accumulation,
-        CUDA autocast and fold averaging, so segmentations equal `nnUNetv2_predict`'s voxel for voxel."""
+        CUDA autocast and fold averaging, in its own dtype (float16), so that resampling them for export rounds
+        as nnU-Net's export does and segmentations equal `nnUNetv2_predict`'s voxel for voxel."""
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         device = torch.device(device)
@@ -75,7 +76,7 @@ class LoadedModel:
         predictor.manual_initialization(copy.deepcopy(self.networks[0]).to(device), self.plans_manager,
                                         self.configuration_manager, [n.state_dict() for n in self.networks],
                                         self.dataset_json, self.trainer_name, self.mirror_axes)
-        return predictor.predict_logits_from_preprocessed_data(data).float()
+        return predictor.predict_logits_from_preprocessed_data(data)
 
     def foreground_labels(self) -> dict[int, str]:
         """Foreground label ids -> names, from dataset.json."""

@@ -71,8 +71,8 @@ def test_logits_are_nnunet_predictors_own_for_a_fold_ensemble(tmp_path):
     ours = model.nnunet_logits(data)
     predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder), (0, 1))
-    theirs = predictor.predict_logits_from_preprocessed_data(data).float()
-    assert torch.equal(ours, theirs)  # bit for bit, float16 accumulation included
+    theirs = predictor.predict_logits_from_preprocessed_data(data)
+    assert ours.dtype == torch.float16 and torch.equal(ours, theirs)  # bit for bit, float16 accumulation included
     for network, fold_weights in zip(model.networks, weights):  # our fold networks keep their own weights
         assert all(torch.equal(value, network.state_dict()[key]) for key, value in fold_weights.items())
     assert not torch.equal(*(next(iter(fold_weights.values())) for fold_weights in weights))  # two different folds
