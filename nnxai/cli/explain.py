@@ -128,6 +128,10 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
     if model_dir is None and not os.environ.get("nnUNet_results"):
         raise click.UsageError("-d needs the environment variable nnUNet_results (nnU-Net's trained models folder); "
                                "set it, or give the model folder with -m")
+    if model_dir is None and not Path(os.environ["nnUNet_results"]).is_dir():
+        raise click.UsageError(f"-d looks for trained models in nnUNet_results={os.environ['nnUNet_results']}, "
+                               "which is not a folder; point it at the folder nnUNetv2_train wrote, or give the "
+                               "model folder with -m")
     try:
         prepare_output_folder(out)
     except CaseError as error:
