@@ -182,6 +182,16 @@ def test_dataset_without_nnunet_results_names_the_variable(monkeypatch, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_dataset_with_a_missing_nnunet_results_folder_names_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "no_results"))
+    result = invoke_explain("-o", str(tmp_path / "out"), "-d", "901", "-device", "cpu")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: -d looks for trained models in nnUNet_results={tmp_path / 'no_results'}, which is not a folder; "
+        "point it at the folder nnUNetv2_train wrote, or give the model folder with -m")
+    assert not (tmp_path / "out").exists()
+
+
 def test_slurm_script_is_valid_bash_and_passes_shellcheck():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True).returncode == 0
     shellcheck = shutil.which("shellcheck", path=f"{BIN}:{os.environ.get('PATH', '')}")

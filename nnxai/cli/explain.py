@@ -131,6 +131,10 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
     if model_dir is None and not os.environ.get("nnUNet_results"):
         raise click.UsageError("-d needs the environment variable nnUNet_results (nnU-Net's trained models folder); "
                                "set it, or give the model folder with -m")
+    if model_dir is None and not Path(os.environ["nnUNet_results"]).is_dir():
+        raise click.UsageError(f"-d looks for trained models in nnUNet_results={os.environ['nnUNet_results']}, "
+                               "which is not a folder; point it at the folder nnUNetv2_train wrote, or give the "
+                               "model folder with -m")
     folder = model_dir or model_folder(dataset, configuration, trainer, plans)
     model = load_model(folder, list(folds) or None, checkpoint, trust_checkpoint)
     lesion_label = model.resolve_label(label)
