@@ -27,7 +27,11 @@ ensure_engine() {
             >/dev/null || no_engine "apt-get could not install docker.io and debootstrap"
     fi
     command -v docker >/dev/null || no_engine "no docker command"
-    local log=/var/log/nnxai-dockerd.log
+    local log=/var/log/nnxai-dockerd.log pid_file=/var/run/docker.pid
+    # an engine that was killed leaves its pid file, and dockerd refuses to start beside it
+    if [ -f "$pid_file" ] && ! kill -0 "$(cat "$pid_file")" 2>/dev/null; then
+        rm -f "$pid_file"
+    fi
     nohup dockerd >"$log" 2>&1 &
     for _ in $(seq 60); do
         docker info >/dev/null 2>&1 && return
