@@ -28,8 +28,9 @@ ensure_engine() {
     fi
     command -v docker >/dev/null || no_engine "no docker command"
     local log=/var/log/nnxai-dockerd.log pid_file=/var/run/docker.pid
-    # an engine that was killed leaves its pid file, and dockerd refuses to start beside it
-    if [ -f "$pid_file" ] && ! kill -0 "$(cat "$pid_file")" 2>/dev/null; then
+    # an engine that was killed leaves its pid file (its number may since belong to another process or thread),
+    # and dockerd refuses to start beside it
+    if [ -f "$pid_file" ] && [ "$(cat "/proc/$(cat "$pid_file")/comm" 2>/dev/null)" != dockerd ]; then
         rm -f "$pid_file"
     fi
     nohup dockerd >"$log" 2>&1 &
