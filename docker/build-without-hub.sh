@@ -19,6 +19,12 @@ no_engine() {
     exit 3
 }
 
+# Remove pid file $1 unless the process it names is a $2.
+stale_pid_file() {
+    [ -f "$1" ] || return 0
+    [ "$(cat "/proc/$(cat "$1")/comm" 2>/dev/null)" = "$2" ] || rm -f "$1"
+}
+
 ensure_engine() {
     docker info >/dev/null 2>&1 && return
     [ "$(id -u)" = 0 ] || no_engine "none answers, and only root can start one"
@@ -27,12 +33,11 @@ ensure_engine() {
             >/dev/null || no_engine "apt-get could not install docker.io and debootstrap"
     fi
     command -v docker >/dev/null || no_engine "no docker command"
-    local log=/var/log/nnxai-dockerd.log pid_file=/var/run/docker.pid
-    # an engine that was killed leaves its pid file (its number may since belong to another process or thread),
-    # and dockerd refuses to start beside it
-    if [ -f "$pid_file" ] && [ "$(cat "/proc/$(cat "$pid_file")/comm" 2>/dev/null)" != dockerd ]; then
-        rm -f "$pid_file"
-    fi
+    local log=/var/log/nnxai-dockerd.log
+    # an engine that was killed leaves pid files for itself and its containerd (their numbers may since belong
+    # to other processes or threads): dockerd refuses to start beside the first and waits for the second
+    stale_pid_file /var/run/docker.pid dockerd
+    stale_pid_file /var/run/docker/containerd/containerd.pid containerd
     nohup dockerd >"$log" 2>&1 &
     for _ in $(seq 60); do
         docker info >/dev/null 2>&1 && return
