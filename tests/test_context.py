@@ -47,7 +47,7 @@ def test_experiments_predict_the_explained_segmentation_even_where_float32_disag
     explain_case(model, "case_0", files, tmp_path, settings)
     images, properties = read_images(model, files)
     prediction = predict(model, window, images, properties, settings)
-    explained = read_ground_truth(model, tmp_path / "case_0" / "prediction.nii.gz", prediction.properties, 1)
+    explained = read_ground_truth(model, tmp_path / "case_0" / "prediction.nii.gz", files[0], 1)
     assert np.array_equal(prediction.binary, explained)
     assert not np.array_equal(float32 > settings.threshold, explained)  # the float32 window differs at `voxel`
 

@@ -242,10 +242,10 @@ def test_case_without_lesions_gives_empty_table(cohort, tmp_path):
     root, model, _ = cohort
     images = tmp_path / "images"
     write_case(images, "clean", seed=7)
-    for channel in range(2):
+    for channel in range(2):  # a flat FLAIR and a ramp on T1: nothing lesion-like (bright FLAIR) anywhere
         image = sitk.ReadImage(str(images / f"clean_000{channel}.nii.gz"))
         shape = sitk.GetArrayFromImage(image).shape
-        ramp = np.broadcast_to(np.linspace(1, 2, shape[-1], dtype=np.float32), shape).copy()
+        ramp = np.broadcast_to(np.linspace(1, 2 if channel else 1, shape[-1], dtype=np.float32), shape).copy()
         flat = sitk.GetImageFromArray(ramp)
         flat.CopyInformation(image)
         sitk.WriteImage(flat, str(images / f"clean_000{channel}.nii.gz"))

@@ -135,14 +135,20 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
         raise click.UsageError(f"-d looks for trained models in nnUNet_results={os.environ['nnUNet_results']}, "
                                "which is not a folder; point it at the folder nnUNetv2_train wrote, or give the "
                                "model folder with -m")
-    folder = model_dir or model_folder(dataset, configuration, trainer, plans)
-    model = load_model(folder, list(folds) or None, checkpoint, trust_checkpoint)
-    lesion_label = model.resolve_label(label)
-    model.check_threshold(threshold)
+    created = not out.exists()
     try:
         prepare_output_folder(out)
     except CaseError as error:
         raise click.ClickException(str(error)) from None
+    try:
+        folder = model_dir or model_folder(dataset, configuration, trainer, plans)
+        model = load_model(folder, list(folds) or None, checkpoint, trust_checkpoint)
+        lesion_label = model.resolve_label(label)
+        model.check_threshold(threshold)
+    except click.ClickException:
+        if created:  # a refused model leaves no output folder behind
+            out.rmdir()
+        raise
     settings = ExplainSettings(methods=methods, samples=samples, noise=noise, aggregation=aggregation, tol=tol,
                                max_samples=max_samples, antithetic=antithetic, layer=layer,
                                gradcampp_variant=gradcampp_variant,
