@@ -304,7 +304,8 @@ class Report:
 
 def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: float, instances: int,
                   features: tuple[int, ...],
-                  convs: int, patch: int, device: str, threads: int, tta: bool, samples: int, noise: float,
+                  convs: int, patch: int, device: str, threads: int, tta: bool, folds: int, samples: int,
+                  noise: float,
                   parts: tuple[str, ...], backward: str, max_voxels: int, auto_instances: int, tol: float,
                   max_samples: int, fixed_samples: int, reference_samples: int, amp: tuple[str, ...],
                   ours_amp: str | None = None, weights: Path | None = None, max_maps: int | None = DEFAULT_MAX_MAPS
@@ -320,15 +321,15 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
         masks = dict(list(masks.items())[:instances])
     if not masks:
         raise click.ClickException(f"{case}: no lesions at {spacing:g} mm; choose another --case")
-    network = cpu_plan_network(features, convs, (patch,) * 3, seed)
+    networks = [cpu_plan_network(features, convs, (patch,) * 3, seed + fold) for fold in range(folds)]
     if weights is not None:
         try:
-            network.load_state_dict(load_checkpoint(weights)["network_weights"])
+            networks[0].load_state_dict(load_checkpoint(weights)["network_weights"])
         except RuntimeError as error:
             raise click.ClickException(f"{weights}: weights of another architecture than --features/--convs "
                                        f"({str(error).splitlines()[0]})") from None
-    network = network.to(device)
-    window = SlidingWindow([network], (patch,) * 3, mirror_axes=(0, 1, 2) if tta else None, device=device)
+    window = SlidingWindow([network.to(device) for network in networks], (patch,) * 3,
+                           mirror_axes=(0, 1, 2) if tta else None, device=device)
     layout = window.layout(data.shape[1:])
     tiles_of = {i: layout.tiles_touching(window.padded_mask(m)) for i, m in masks.items()}
     tiles_per_instance = [len(tiles) for tiles in tiles_of.values()]
@@ -339,16 +340,18 @@ def run_benchmark(workdir: Path, case: str, cases: int, seed: int, spacing: floa
         "instance_voxels": sorted(int(m.sum()) for m in masks.values()), "tiles": len(layout.tiles),
         "mean_tiles_per_instance": float(np.mean(tiles_per_instance)), "patch": patch, "features": list(features),
         "convs_per_stage": convs, "weights": str(weights) if weights else "He initialization", "tta": tta,
+        "folds": folds,
         "device": str(device), "threads": threads, "noise": noise,
         "tile_graph_mb": graph_bytes / 2 ** 20, "torch": torch.__version__, "python": platform.python_version(),
         "processor": platform.processor() or platform.machine()}
     report.line(f"{case}: network input {tuple(data.shape[1:])} at {spacing:g} mm, {len(masks)} instances, "
                 f"{len(layout.tiles)} tiles of {patch}^3, {np.mean(tiles_per_instance):.2f} tiles per instance "
                 f"on average; one pass's graph {graph_bytes / 2 ** 20:.0f} MB; {device}, {threads} thread(s), "
-                f"TTA {'on' if tta else 'off'}")
+                f"{folds} fold(s), TTA {'on' if tta else 'off'}")
     engine = GradientEngine(backward, max_batch=16, max_maps=max_maps)
     pair = {i: masks[i] for i in tile_sharing_pair(masks, tiles_of)}
-    report.warm_up("(i) study", device, lambda: study_mean(window, data, pair, sigma, seed, 1))
+    if "mean" in parts or "max" in parts:  # the whole-window graph is only built by these parts
+        report.warm_up("(i) study", device, lambda: study_mean(window, data, pair, sigma, seed, 1))
     # the backward mode, if "auto", is measured here, once per run, as `nnxai explain` does
     report.warm_up("ours", device, lambda: ours(window, data, pair, Sampling(1), noise, seed, engine))
     if backward == "auto":
@@ -372,6 +375,8 @@ def _mean_part(report, window, data, masks, sigma, noise, seed, samples, engine,
     report.line(f"\nmean aggregation, {samples} sample(s), {len(masks)} instances:")
     study = measure(device, lambda: study_mean(window, data, masks, sigma, seed, samples))
     report.timed("mean", "(i) study: whole-window graph", study)
+    one = dict(list(masks.items())[:1])
+    report.warm_up("(ii) Captum", device, lambda: captum_mean(window, data, one, sigma, seed, 1))
     captum = measure(device, lambda: captum_mean(window, data, masks, sigma, seed, samples))
     report.timed("mean", "(ii) Captum NoiseTunnel(Saliency)", captum,
                  max_rel_difference=largest_difference(captum.result, study.result))
@@ -379,7 +384,6 @@ def _mean_part(report, window, data, masks, sigma, noise, seed, samples, engine,
                                                  study.result))
     report.timed("mean", f"(iii) ours (backward {engine.chosen}, {engine.max_maps or 'all'} maps at a time)", mine,
                  max_rel_difference=mine.result)
-    one = dict(list(masks.items())[:1])
     if device.type == "cuda":  # the search only exists in cuDNN
         plain = GradientEngine(engine.chosen, engine.max_batch, max_maps=engine.max_maps, cudnn_search=False)
         report.warm_up("ours, search off", device, lambda: ours(window, data, one, Sampling(1), noise, seed, plain))
@@ -491,6 +495,8 @@ def integers(text: str) -> tuple[int, ...]:
 @click.option("--threads", default=1, show_default=True,
               help="torch CPU threads (on shared cores one thread is often the fastest).")
 @click.option("--tta/--no-tta", default=False, show_default=True, help="Mirroring test-time augmentation.")
+@click.option("--folds", default=1, show_default=True,
+              help="Networks averaged as a fold ensemble (each He-initialized with its own seed).")
 @click.option("--samples", default=1, show_default=True,
               help="Noise samples for the mean, max and amp parts (costs are per sample).")
 @click.option("--noise", default=0.05, show_default=True)
@@ -512,7 +518,8 @@ def integers(text: str) -> tuple[int, ...]:
 @click.option("--max-maps", default=DEFAULT_MAX_MAPS, show_default=True,
               help="SmoothGrad maps ours holds at once in the mean part, as `nnxai explain --max-maps` (0: all).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the figures as JSON.")
-def main(workdir, case, cases, seed, spacing, instances, features, convs, patch, device, threads, tta, samples, noise, parts,
+def main(workdir, case, cases, seed, spacing, instances, features, convs, patch, device, threads, tta, folds, samples,
+         noise, parts,
          backward, max_voxels, auto_instances, tol, max_samples, fixed_samples, reference_samples, amp, ours_amp,
          weights, max_maps, json_path) -> None:
     """Time instance-level SmoothGrad the study's way, with Captum and ours on one phantom case.
@@ -525,8 +532,8 @@ def main(workdir, case, cases, seed, spacing, instances, features, convs, patch,
         raise click.BadParameter(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}", param_hint="--parts")
     with exact_float32():
         record = run_benchmark(workdir, case, cases, seed, spacing, instances, integers(features), convs, patch,
-                               device, threads, tta, samples, noise, selected, backward, max_voxels, auto_instances, tol,
-                               max_samples, fixed_samples, reference_samples, tuple(a for a in amp.split(",") if a),
+                               device, threads, tta, folds, samples, noise, selected, backward, max_voxels,
+                               auto_instances, tol, max_samples, fixed_samples, reference_samples, tuple(a for a in amp.split(",") if a),
                                ours_amp, weights, max_maps or None)
     if json_path:
         json_path.write_text(json.dumps(record, indent=2) + "\n")
