@@ -2,7 +2,7 @@
 
 One command, one case, its ground-truth lesions as the instances (the instance count is known and the
 cost does not depend on what the network predicts), a network of the CPU plan's architecture
-(nnxai.plans: 4 stages, 8-64 features, 2 convolutions per stage) with nnU-Net's He initialization.
+(nnxai.nnunet.plans: 4 stages, 8-64 features, 2 convolutions per stage) with nnU-Net's He initialization.
 Default: phantom_001 of `--cases 12 --seed 0` at 4 mm (22 lesions) with 32^3 patches, which tiles the
 head 2 x 2 x 2 as the CPU plan's 64^3 patches tile it at 2 mm (`--spacing 2 --case phantom_002
 --patch 64`: 23 lesions, the plan itself, about 8 times the work). It prints seconds (wall and CPU),
@@ -12,7 +12,7 @@ call, timed apart as warm-up, is not in its figures):
   mean  (i) the study's way: per sample one graph over the whole sliding window, every instance's
             backward pass through all of it;
         (ii) Captum NoiseTunnel(Saliency) applied instance by instance (same noise draws);
-        (iii) ours (nnxai.smoothgrad: tile by tile, shared forward passes, only touched tiles), on CUDA
+        (iii) ours (nnxai.attribution.smoothgrad: tile by tile, shared forward passes, only touched tiles), on CUDA
               also without cuDNN's algorithm search (which ours turns on and (i) and (ii) leave off, as
               PyTorch does by default);
   max   a per-voxel loop over the whole-window graph versus ours (loop and batched backward) on the
@@ -51,12 +51,13 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from dataset_conversion.nnunet_raw import dataset_folder_name
 from dataset_conversion.phantom import LESION_TABLE, make_phantom_cohort
-from nnxai.checkpoint import load_checkpoint
-from nnxai.instances import label_components
-from nnxai.plans import CPU_FEATURES, CPU_PATCH_SIZE, small_architecture
-from nnxai.sliding_window import SlidingWindow
-from nnxai.explain import DEFAULT_MAX_MAPS
-from nnxai.smoothgrad import GradientEngine, Sampling, exact_float32, noise_sigma, smoothgrad_maps, tile_graph_bytes
+from nnxai.attribution.smoothgrad import (GradientEngine, Sampling, exact_float32, noise_sigma, smoothgrad_maps,
+                                          tile_graph_bytes)
+from nnxai.explain.cohort import DEFAULT_MAX_MAPS
+from nnxai.lesions.instances import label_components
+from nnxai.nnunet.checkpoint import load_checkpoint
+from nnxai.nnunet.plans import CPU_FEATURES, CPU_PATCH_SIZE, small_architecture
+from nnxai.nnunet.sliding_window import SlidingWindow
 
 PARTS = ("mean", "max", "auto", "amp")
 QUICK_PARTS = ("mean", "max", "amp")  # a few minutes on 2 CPU cores; "auto" draws hundreds of samples
@@ -533,7 +534,8 @@ def main(workdir, case, cases, seed, spacing, instances, features, convs, patch,
     with exact_float32():
         record = run_benchmark(workdir, case, cases, seed, spacing, instances, integers(features), convs, patch,
                                device, threads, tta, folds, samples, noise, selected, backward, max_voxels,
-                               auto_instances, tol, max_samples, fixed_samples, reference_samples, tuple(a for a in amp.split(",") if a),
+                               auto_instances, tol, max_samples, fixed_samples, reference_samples,
+                               tuple(a for a in amp.split(",") if a),
                                ours_amp, weights, max_maps or None)
     if json_path:
         json_path.write_text(json.dumps(record, indent=2) + "\n")

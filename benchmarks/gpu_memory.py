@@ -2,7 +2,7 @@
 
 Gradients are taken one tile and one pass (fold network and mirroring) at a time; autograd keeps what that pass
 saved until its backward pass, so one pass's graph plus the weights of every fold set the peak, whatever the
-number of folds and mirrorings (convolutions keep only their weights: nnxai.input_gradients). This script plans nnU-Net's default
+number of folds and mirrorings (convolutions keep only their weights: nnxai.attribution.input_gradients). This script plans nnU-Net's default
 3d_fullres network for a dataset of the given median shape and spacing (nnU-Net's own ExperimentPlanner on a
 stand-in fingerprint), runs one forward pass on the meta device (shapes only: no memory, no GPU needed) and adds
 up the tensors autograd saves. Counted this way, a 64^3 patch on the CPU saves exactly the bytes real tensors do.
@@ -24,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from nnxai.input_gradients import input_gradients_only
+from nnxai.attribution.input_gradients import input_gradients_only
 
 DATASET = "Dataset999_MemoryEstimate"
 MIRRORINGS = 8  # nnU-Net mirrors 3D patches along all three axes: 2^3 flips

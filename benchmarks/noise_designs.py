@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks.explain_benchmark import integers, cpu_plan_network, phantom_case, spread
-from nnxai.checkpoint import load_checkpoint
-from nnxai.plans import CPU_FEATURES
-from nnxai.smoothgrad import noise_sigma
+from benchmarks.explain_benchmark import cpu_plan_network, integers, phantom_case, spread
+from nnxai.attribution.smoothgrad import noise_sigma
+from nnxai.nnunet.checkpoint import load_checkpoint
+from nnxai.nnunet.plans import CPU_FEATURES
 
 Split = Callable[[torch.Tensor], list[torch.Tensor]]
 

@@ -5,8 +5,8 @@ nilearn's wheel (SPEC section 8), so realistic data exists without any download.
 own smooth deformation, bias fields, Rician noise and 0-30 lesions of known position; everything is
 drawn from one seed, so the same seed writes the same bytes.
 
-The lesion helpers (`lesion_blob`, `apply_lesion_contrast`) work on any volume and spacing, so they
-also insert synthetic lesions into real scans (SPEC section 5.2).
+Lesions are drawn with `nnxai.lesions.synthesis`, which also inserts synthetic lesions into real scans
+(SPEC section 5.2).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from dataset_conversion.nnunet_raw import (ConversionError, dataset_folder_name, patient_split, staged_dataset,
                                            write_case, write_dataset_json)
+from nnxai.lesions.synthesis import apply_lesion_contrast, as_spacing, lesion_blob_box, random_rotation
 
 TEMPLATE_KINDS = ("t1", "gm", "wm")
 GRID_MARGIN_MM = 8.0
@@ -67,10 +68,6 @@ def template_path(kind: str) -> Path:
         raise ConversionError("nilearn is not installed: it ships the MNI152 template the phantom is built from")
     folder = Path(next(iter(spec.submodule_search_locations)), "datasets", "data")
     return folder / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
-
-
-def _as_spacing(spacing: float | Sequence[float]) -> np.ndarray:
-    return np.broadcast_to(np.asarray(spacing, dtype=float), (3,)).copy()
 
 
 @dataclass(frozen=True)
@@ -128,7 +125,7 @@ def smooth_random_field(shape: Sequence[int], spacing: float | Sequence[float], 
                         rng: np.random.Generator) -> np.ndarray:
     """Zero-mean, unit-sd random field varying over about `correlation_mm`: Gaussian noise on a coarse
     control grid, cubic-spline interpolated axis by axis (cheap even for 1 mm volumes)."""
-    extent = np.asarray(shape) * _as_spacing(spacing)
+    extent = np.asarray(shape) * as_spacing(spacing)
     coarse_shape = np.maximum(np.ceil(extent / correlation_mm).astype(int) + 1, 2)
     field = rng.standard_normal(tuple(coarse_shape))
     for axis, (fine, coarse) in enumerate(zip(shape, coarse_shape)):
@@ -137,26 +134,10 @@ def smooth_random_field(shape: Sequence[int], spacing: float | Sequence[float], 
     return (field / field.std()).astype(np.float32)
 
 
-def _random_rotation(rng: np.random.Generator, max_degrees: float | None = None) -> np.ndarray:
-    """A rotation matrix: uniform over all rotations, or small Euler angles up to `max_degrees`."""
-    if max_degrees is None:
-        q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-        q = q * np.sign(np.diag(r))
-        return q if np.linalg.det(q) > 0 else -q
-    rotation = np.eye(3)
-    for axis, angle in enumerate(np.deg2rad(rng.uniform(-max_degrees, max_degrees, 3))):
-        a, b = [i for i in range(3) if i != axis]
-        step = np.eye(3)
-        step[a, a] = step[b, b] = np.cos(angle)
-        step[a, b], step[b, a] = -np.sin(angle), np.sin(angle)
-        rotation = step @ rotation
-    return rotation
-
-
 def _template_sampling_coordinates(template: Template, rng: np.random.Generator) -> np.ndarray:
     """Template-map voxel coordinates to sample for each output voxel of one subject: a random small
     rotation, anisotropic scaling and shift about the brain centre, plus a smooth random displacement."""
-    linear = _random_rotation(rng, MAX_ROTATION_DEG) @ np.diag(rng.uniform(*SCALE_RANGE, 3))
+    linear = random_rotation(rng, MAX_ROTATION_DEG) @ np.diag(rng.uniform(*SCALE_RANGE, 3))
     shift = rng.uniform(-MAX_TRANSLATION_MM, MAX_TRANSLATION_MM, 3)
     world = template.world_coordinates()
     center = template.brain_center.astype(np.float32)[:, None, None, None]
@@ -165,62 +146,6 @@ def _template_sampling_coordinates(template: Template, rng: np.random.Generator)
         displacement = smooth_random_field(template.shape, template.spacing, DISPLACEMENT_CORRELATION_MM, rng)
         source[axis] += np.float32(shift[axis]) + DISPLACEMENT_SD_MM * displacement - template.map_origin[axis]
     return source
-
-
-def lesion_blob(shape: Sequence[int], center: Sequence[float], radius_mm: float,
-                spacing: float | Sequence[float], rng: np.random.Generator, irregularity: float = 0.25) -> np.ndarray:
-    """Boolean mask of one lesion-like blob: a randomly oriented ellipsoid with the volume of a sphere of
-    `radius_mm`, its surface perturbed by smooth noise. `center` is in voxel coordinates (may be fractional);
-    the voxel nearest the centre is always included."""
-    box, local = _lesion_blob_box(shape, center, radius_mm, spacing, rng, irregularity)
-    mask = np.zeros(tuple(shape), dtype=bool)
-    mask[box] = local
-    return mask
-
-
-def _lesion_blob_box(shape: Sequence[int], center: Sequence[float], radius_mm: float,
-                     spacing: float | Sequence[float], rng: np.random.Generator,
-                     irregularity: float = 0.25) -> tuple[tuple[slice, ...], np.ndarray]:
-    """`lesion_blob` restricted to its bounding box (with one free voxel around it): (box, local mask)."""
-    spacing, center, shape = _as_spacing(spacing), np.asarray(center, dtype=float), np.asarray(shape)
-    nearest = np.round(center).astype(int)
-    if np.any(nearest < 0) or np.any(nearest >= shape):
-        raise ValueError(f"lesion centre {tuple(center)} lies outside the volume of shape {tuple(shape)}")
-    ratios = np.array([1.0, rng.uniform(0.6, 1.0), rng.uniform(0.45, 1.0)])
-    # E[(1 + a n)^3] = 1 + 3 a^2 for standard normal n: shrink so the expected volume stays that of the sphere
-    semi_axes = radius_mm * ratios / np.cbrt(ratios.prod() * (1 + 3 * irregularity**2))
-    rotation = _random_rotation(rng)
-    reach = semi_axes.max() * (1 + 2 * irregularity) / spacing + 1
-    low = np.maximum(np.floor(center - reach).astype(int), 0)
-    high = np.minimum(np.ceil(center + reach).astype(int) + 1, shape)
-    box_shape = tuple(high - low)
-    offsets_mm = (np.indices(box_shape).reshape(3, -1) + (low - center)[:, None]) * spacing[:, None]
-    body = (rotation.T @ offsets_mm) / semi_axes[:, None]
-    distance = np.sqrt((body**2).sum(0)).reshape(box_shape)
-    noise = ndimage.gaussian_filter(rng.standard_normal(box_shape), np.maximum(semi_axes.mean() / 2 / spacing, 1))
-    noise = np.clip(noise / max(noise.std(), 1e-12), -2, 2)
-    local = distance < 1 + irregularity * noise
-    local[tuple(nearest - low)] = True
-    return tuple(slice(a, b) for a, b in zip(low, high)), local
-
-
-def apply_lesion_contrast(image: np.ndarray, lesion: np.ndarray, mean_factor: float, factor_sd: float,
-                          spacing: float | Sequence[float], rng: np.random.Generator,
-                          field_smoothing_mm: float = 0.5, border_smoothing_mm: float = 1.0) -> None:
-    """Multiply `image` (float, in place) inside `lesion` following the SPEC 5.2 recipe (MS-MIST): voxelwise
-    factors ~ N(mean_factor, factor_sd) smoothed by `field_smoothing_mm`, blended in through the lesion
-    mask smoothed by `border_smoothing_mm` (so the border fades over about a millimetre)."""
-    spacing = _as_spacing(spacing)
-    found = ndimage.find_objects(lesion.astype(np.uint8))
-    if not found:
-        return
-    pad = np.ceil(4 * border_smoothing_mm / spacing).astype(int) + 1
-    box = tuple(slice(max(s.start - p, 0), min(s.stop + p, n)) for s, p, n in zip(found[0], pad, lesion.shape))
-    inside = lesion[box].astype(np.float32)
-    factors = mean_factor + factor_sd * rng.standard_normal(inside.shape, dtype=np.float32)
-    factors = ndimage.gaussian_filter(factors, field_smoothing_mm / spacing)
-    weight = ndimage.gaussian_filter(inside, border_smoothing_mm / spacing)
-    image[box] *= 1 + weight * (factors - 1)
 
 
 @dataclass(frozen=True)
@@ -281,7 +206,7 @@ def _draw_lesion_radius(rng: np.random.Generator, voxel_volume: float) -> float:
 
 def find_ventricles(csf: np.ndarray, brain: np.ndarray, spacing: float | Sequence[float]) -> np.ndarray:
     """Ventricular CSF: CSF lying deeper than VENTRICLE_MIN_DEPTH_MM inside the brain (sulcal CSF is shallow)."""
-    depth = ndimage.distance_transform_edt(brain, sampling=_as_spacing(spacing))
+    depth = ndimage.distance_transform_edt(brain, sampling=as_spacing(spacing))
     return (csf > 0.5) & (depth > VENTRICLE_MIN_DEPTH_MM)
 
 
@@ -293,7 +218,7 @@ def place_lesions(white_matter: np.ndarray, ventricles: np.ndarray, world_z: np.
     (flat index of its centre voxel, periventricular?)."""
     shape = white_matter.shape
     cerebral = world_z[None, None, :] > LESION_MIN_WORLD_Z_MM
-    to_ventricle = ndimage.distance_transform_edt(~ventricles, sampling=_as_spacing(spacing))
+    to_ventricle = ndimage.distance_transform_edt(~ventricles, sampling=as_spacing(spacing))
     centres = {
         False: np.flatnonzero((white_matter > DEEP_WM_PROBABILITY) & cerebral),
         True: np.flatnonzero((white_matter > 0.6) & cerebral & (to_ventricle <= PERIVENTRICULAR_DISTANCE_MM)
@@ -313,7 +238,7 @@ def place_lesions(white_matter: np.ndarray, ventricles: np.ndarray, world_z: np.
         flat = int(centres[periventricular][rng.integers(centres[periventricular].size)])
         voxel = np.array(np.unravel_index(flat, shape))
         radius = _draw_lesion_radius(rng, spacing**3)
-        box, blob = _lesion_blob_box(shape, voxel + rng.uniform(-0.5, 0.5, 3), radius, spacing, rng)
+        box, blob = lesion_blob_box(shape, voxel + rng.uniform(-0.5, 0.5, 3), radius, spacing, rng)
         components, _ = ndimage.label(blob & allowed[box], structure=touching)
         own = components == components[tuple(voxel - [s.start for s in box])]
         if own.sum() < MIN_LESION_VOXELS or lesion_ids[box][ndimage.binary_dilation(own, touching)].any():

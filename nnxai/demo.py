@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import torch
 
-from nnxai.environment import use_workspace
+from nnxai.nnunet.environment import use_workspace
 
 DATASET_ID = 901
 DATASET_NAME = "MSPhantom"
@@ -109,7 +109,7 @@ class Demo:
 
     def run(self) -> None:
         """Every stage not finished earlier, then the summary (also in OUT/demo_summary.txt)."""
-        from nnxai.explain import write_atomically
+        from nnxai.files import write_atomically
 
         self.markers.mkdir(parents=True, exist_ok=True)
         start = time.time()
@@ -150,7 +150,7 @@ class Demo:
                             self.settings.spacing, DATASET_ID, DATASET_NAME, progress=True)
 
     def plan(self) -> None:
-        from nnxai.plans import write_small_plans
+        from nnxai.nnunet.plans import write_small_plans
 
         self.nnunet("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", "1",
                     "--verify_dataset_integrity")
@@ -177,7 +177,7 @@ class Demo:
                     "-device", self.settings.device, "-npp", "1", "-nps", "1", "--disable_tta")
 
     def evaluate(self) -> None:
-        from nnxai.evaluation import evaluate_folders, write_evaluation
+        from nnxai.lesions.evaluation import evaluate_folders, write_evaluation
 
         evaluation = evaluate_folders(self.dataset / "labelsTs", self.predictions / TRAINER)
         write_evaluation(evaluation, self.out / "evaluation.csv")
@@ -207,8 +207,8 @@ class Demo:
                      str(self.out / "fpfilter" / "filtered"), "--cross-fitted", "--overwrite")()
 
     def explain(self) -> None:
-        from nnxai.explain import ComputeOptions, ExplainSettings, explain_cohort
-        from nnxai.model import load_model, model_folder
+        from nnxai.explain.cohort import ComputeOptions, ExplainSettings, explain_cohort
+        from nnxai.nnunet.model import load_model, model_folder
 
         model = load_model(model_folder(str(DATASET_ID), CONFIGURATION, TRAINER, PLANS), [FOLD])
         cases = self.explain_images()

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnxai.explain import ExplainSettings, explain_cohort
-from nnxai.model import LoadedModel, load_model
+from nnxai.explain.cohort import ExplainSettings, explain_cohort
+from nnxai.nnunet.model import LoadedModel, load_model
 from tests.fake_model import write_case, write_model_folder
 
 # no mirroring and one SmoothGrad sample: eight times fewer forward passes, same semantics

@@ -9,9 +9,9 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from nnxai.attribution.smoothgrad import RunningMean, Sampling, smoothgrad_maps
 from nnxai.cli import main
-from nnxai.sliding_window import SlidingWindow
-from nnxai.smoothgrad import RunningMean, Sampling, smoothgrad_maps
+from nnxai.nnunet.sliding_window import SlidingWindow
 from tests.conftest import tiny_unet
 from tests.fake_model import write_case, write_model_folder
 from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)

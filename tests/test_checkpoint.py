@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnxai.checkpoint import CheckpointError, load_checkpoint
+from nnxai.nnunet.checkpoint import CheckpointError, load_checkpoint
 
 PATCH = (16, 16, 16)
 

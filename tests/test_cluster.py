@@ -12,11 +12,13 @@ from click.testing import CliRunner
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
-import nnxai.explain
+import nnxai.explain.cohort
 from nnxai.cli import main
-from nnxai.explain import CASE_TABLE, ExplainSettings, explain_cohort, find_cases, shard
-from nnxai.merge import merge_outputs
-from nnxai.model import load_model
+from nnxai.explain.cases import find_cases, shard
+from nnxai.explain.cohort import ExplainSettings, explain_cohort
+from nnxai.explain.merge import merge_outputs
+from nnxai.explain.output import CASE_TABLE
+from nnxai.nnunet.model import load_model
 from tests.fake_model import write_case, write_model_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,14 +43,14 @@ def killed_run(tmp_path_factory):
     out = root / "out"
     runs = {part: explain_cohort(model, root / "images", out, SETTINGS, num_parts=PARTS, part_id=part, progress=False)
             for part in (0, 2)}
-    write_volume = nnxai.explain.write_volume
+    write_volume = nnxai.explain.cohort.write_volume
 
     def killed_after_first_file(*args, **kwargs):
         write_volume(*args, **kwargs)
         raise Killed
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nnxai.explain, "write_volume", killed_after_first_file)
+        patch.setattr(nnxai.explain.cohort, "write_volume", killed_after_first_file)
         with pytest.raises(Killed):
             explain_cohort(model, root / "images", out, SETTINGS, num_parts=PARTS, part_id=1, progress=False)
     return root, model, runs
@@ -92,13 +94,13 @@ def test_killed_shard_is_reported_and_a_rerun_does_only_what_is_missing(killed_r
 
     before = {case: (out / case / CASE_TABLE).stat().st_mtime_ns for case in finished}
     explained = []
-    explain_case = nnxai.explain.explain_case
+    explain_case = nnxai.explain.cohort.explain_case
 
     def counting(model, case, *args, **kwargs):
         explained.append(case)
         return explain_case(model, case, *args, **kwargs)
 
-    monkeypatch.setattr(nnxai.explain, "explain_case", counting)
+    monkeypatch.setattr(nnxai.explain.cohort, "explain_case", counting)
     reruns = [explain_cohort(model, root / "images", out, SETTINGS, num_parts=PARTS, part_id=part, progress=False)
               for part in range(PARTS)]
     assert explained == ["case_1", "case_4"]

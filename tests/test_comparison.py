@@ -9,9 +9,9 @@ import torch
 from click.testing import CliRunner
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+from nnxai.analysis.comparison import Entry, ModelPrediction, compare_entries, parse_entry, summarize, wilcoxon_p
 from nnxai.cli import main
-from nnxai.comparison import Entry, ModelPrediction, compare_entries, parse_entry, summarize, wilcoxon_p
-from nnxai.evaluation import COUNT_COLUMNS, EvaluationInputError, evaluate_folders, overall_table, with_metrics
+from nnxai.lesions.evaluation import COUNT_COLUMNS, EvaluationInputError, evaluate_folders, overall_table, with_metrics
 from tests.fake_model import write_case, write_model_folder
 
 

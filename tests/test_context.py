@@ -9,12 +9,13 @@ import torch
 from click.testing import CliRunner
 
 from nnxai.cli import main
-from nnxai.context import (COLUMNS, ContextDesign, bootstrap_required_context, lesion_context_curve,
-                           required_context, summarize_context)
-from nnxai.experiments import predict, predict_near, tiles_for
-from nnxai.explain import explain_case, read_ground_truth
-from nnxai.geometry import probabilities_in_original_space, read_images, to_network_space
-from nnxai.instances import case_instances, label_components
+from nnxai.experiments.common import predict, predict_near, tiles_for
+from nnxai.experiments.context import (COLUMNS, ContextDesign, bootstrap_required_context, lesion_context_curve,
+                                       required_context, summarize_context)
+from nnxai.explain.cases import read_ground_truth
+from nnxai.explain.cohort import explain_case
+from nnxai.lesions.instances import case_instances, label_components
+from nnxai.nnunet.geometry import probabilities_in_original_space, read_images, to_network_space
 from tests.experiment_data import SETTINGS, explained_cohort
 
 

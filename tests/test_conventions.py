@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from scipy import ndimage
 
 from nnxai.cli import main
-from nnxai.evaluation import (EvaluationInputError, InstanceOptions, case_counts, convention_options,
-                              evaluate_folders, metrics_from_counts)
+from nnxai.lesions.evaluation import (EvaluationInputError, InstanceOptions, case_counts, convention_options,
+                                      evaluate_folders, metrics_from_counts)
 
 SHAPE = (10, 10, 30)
 BOX = {  # (z, y, x) blocks of 2 x 2 x 2 voxels unless said otherwise

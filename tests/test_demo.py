@@ -2,7 +2,7 @@
 import pytest
 
 from nnxai.demo import Demo, DemoSettings
-from nnxai.environment import NNUNET_FOLDERS
+from nnxai.nnunet.environment import NNUNET_FOLDERS
 
 
 @pytest.fixture

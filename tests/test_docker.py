@@ -301,7 +301,7 @@ def test_final_stage_has_no_sources_or_build_tools():
 
 def test_dockerignore_sends_only_what_is_copied():
     patterns = dockerignore_patterns()
-    for kept in ("pyproject.toml", "README.md", "nnxai/checkpoint.py", "trainers/__init__.py",
+    for kept in ("pyproject.toml", "README.md", "nnxai/nnunet/checkpoint.py", "trainers/__init__.py",
                  "dataset_conversion/__init__.py", "docker/entrypoint.sh"):
         assert not dockerignored(kept, patterns), kept
     for left_out in (".venv/bin/python", ".git/HEAD", "tests/test_docker.py", "nnxai/__pycache__/model.cpython-311.pyc",

@@ -8,8 +8,8 @@ import SimpleITK as sitk
 from click.testing import CliRunner
 
 from nnxai.cli import main
-from nnxai.evaluation import (EvaluationInputError, InstanceOptions, case_counts, evaluate_folders,
-                              metrics_from_counts, overall_path)
+from nnxai.lesions.evaluation import (EvaluationInputError, InstanceOptions, case_counts, evaluate_folders,
+                                      metrics_from_counts, overall_path)
 
 
 def counts(**values):

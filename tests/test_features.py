@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nnxai.features import (FeatureError, feature_columns, first_order_statistics, instance_features,
-                            instance_regions)
+from nnxai.analysis.features import (FeatureError, feature_columns, first_order_statistics, instance_features,
+                                     instance_regions)
 from tests.fake_explain import FakeInstance, save, write_filter_output
 
 SPACING = (0.8, 1.0, 3.0)  # mm along the array axes (nibabel order: x, y, z)

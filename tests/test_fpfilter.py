@@ -7,8 +7,8 @@ import pytest
 import SimpleITK as sitk
 from click.testing import CliRunner
 
+from nnxai.analysis.fpfilter import FPFilter, FPFilterError, apply_filter, cohort_features, train_filter
 from nnxai.cli import main
-from nnxai.fpfilter import FPFilter, FPFilterError, apply_filter, cohort_features, train_filter
 from tests.fake_explain import FakeInstance, save, write_filter_output
 
 NOISE_FEATURES = [f"noise_{i}" for i in range(8)]

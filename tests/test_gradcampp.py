@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
+from nnxai.attribution.gradcampp import (LayerError, _groups, check_layer, default_layer, gradcampp_map,
+                                         instance_gradcampp, valid_layers)
+from nnxai.attribution.smoothgrad import GradientEngine
 from nnxai.cli import main
-from nnxai.gradcampp import (LayerError, _groups, check_layer, default_layer, gradcampp_map, instance_gradcampp,
-                             valid_layers)
-from nnxai.sliding_window import SlidingWindow
-from nnxai.smoothgrad import GradientEngine
+from nnxai.nnunet.sliding_window import SlidingWindow
 from tests.conftest import tiny_unet
+from tests.fake_model import write_case, write_model_folder
 from tests.graph_memory import peak_graph_bytes
 from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
-from tests.fake_model import write_case, write_model_folder
 
 
 def paper_gradcampp(activations, d_score, score, variant):

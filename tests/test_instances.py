@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from nnxai.instances import case_instances, label_components, match_components
+from nnxai.lesions.instances import case_instances, label_components, match_components
 
 
 def volume(*boxes: tuple[slice, slice, slice], shape=(10, 10, 10)) -> np.ndarray:

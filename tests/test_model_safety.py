@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from nnxai.cli import main
-from nnxai.model import ModelError, load_model
+from nnxai.nnunet.model import ModelError, load_model
 from tests.experiment_data import explained_cohort
 from tests.fake_model import write_case, write_model_folder
 

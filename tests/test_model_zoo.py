@@ -12,10 +12,10 @@ import torch
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
-from nnxai.gradcampp import default_layer, valid_layers
-from nnxai.model import LoadedModel, ModelError, load_model
-from nnxai.sliding_window import SlidingWindow
-from nnxai.smoothgrad import instance_smoothgrad
+from nnxai.attribution.gradcampp import default_layer, valid_layers
+from nnxai.attribution.smoothgrad import instance_smoothgrad
+from nnxai.nnunet.model import LoadedModel, ModelError, load_model
+from nnxai.nnunet.sliding_window import SlidingWindow
 from tests.conftest import tiny_unet
 from tests.fake_model import write_model_folder
 

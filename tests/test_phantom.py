@@ -14,20 +14,10 @@ from click.testing import CliRunner
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
 from dataset_conversion.nnunet_raw import ConversionError
-from dataset_conversion.phantom import (
-    LESION_TABLE,
-    LESION_WM_PROBABILITY,
-    MAX_LESIONS,
-    MIN_LESION_VOXELS,
-    _draw_lesion_count,
-    apply_lesion_contrast,
-    command,
-    lesion_blob,
-    load_template,
-    make_phantom_cohort,
-    smooth_random_field,
-    synthesize_subject,
-)
+from dataset_conversion.phantom import (LESION_TABLE, LESION_WM_PROBABILITY, MAX_LESIONS, MIN_LESION_VOXELS,
+                                        _draw_lesion_count, command, load_template, make_phantom_cohort,
+                                        smooth_random_field, synthesize_subject)
+from nnxai.lesions.synthesis import apply_lesion_contrast, lesion_blob
 
 COHORT_SPACING = 3.0  # coarse, so a whole cohort is written in about a second
 

@@ -1,4 +1,4 @@
-"""Reduced CPU plans (nnxai/plans.py): valid for nnU-Net, same preprocessed data, small network."""
+"""Reduced CPU plans (nnxai/nnunet/plans.py): valid for nnU-Net, same preprocessed data, small network."""
 import json
 
 import pytest
@@ -7,7 +7,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from fake_nnunet import plan_fake_dataset
-from nnxai.plans import PlansError, write_small_plans
+from nnxai.nnunet.plans import PlansError, write_small_plans
 
 DATASET_ID = 951
 

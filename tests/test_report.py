@@ -11,12 +11,12 @@ import pytest
 from click.testing import CliRunner
 from matplotlib.figure import Figure
 
+from nnxai.analysis.report import build_sections, gallery_examples, write_report
+from nnxai.analysis.rings import ring_table, write_rings
+from nnxai.analysis.statistics import group_statistics, write_statistics
 from nnxai.cli import main
-from nnxai.explain_output import load_explain_output
-from nnxai.randomization import VERDICT_COLUMNS
-from nnxai.report import build_sections, gallery_examples, write_report
-from nnxai.rings import ring_table, write_rings
-from nnxai.statistics import group_statistics, write_statistics
+from nnxai.explain.output import load_explain_output
+from nnxai.sanity.randomization import VERDICT_COLUMNS
 from tests.fake_explain_output import fake_cohort
 
 SECTIONS = ["cohort", "peaks", "statistics", "rings", "context", "synthetic", "sanity", "gallery", "viewer"]

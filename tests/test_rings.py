@@ -5,9 +5,9 @@ import pytest
 from click.testing import CliRunner
 from scipy.ndimage import distance_transform_edt
 
+from nnxai.analysis.rings import OUTSIDE, RING_COLUMNS, ring_table, shell_labels
 from nnxai.cli import main
-from nnxai.explain_output import AnalysisInputError, load_explain_output
-from nnxai.rings import OUTSIDE, RING_COLUMNS, ring_table, shell_labels
+from nnxai.explain.output import AnalysisInputError, load_explain_output
 from tests.fake_explain_output import FakeInstance, write_output
 
 SHAPE = (15, 15, 9)

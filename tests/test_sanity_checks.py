@@ -8,12 +8,12 @@ import pytest
 from click.testing import CliRunner
 
 from nnxai.cli import main
-from nnxai.explain import ExplainSettings, explain_cohort
-from nnxai.faithfulness import DELETION, deletion_areas, deletion_check, stored_maps
-from nnxai.gradcheck import gradcheck_verdict, gradient_check
-from nnxai.model import load_model
-from nnxai.randomization import CASCADING, REFERENCE, randomization_check, randomization_verdicts
-from nnxai.sanity import SanityError, explain_smoothgrad, load_run, select_instances
+from nnxai.explain.cohort import ExplainSettings, explain_cohort
+from nnxai.nnunet.model import load_model
+from nnxai.sanity.common import SanityError, explain_smoothgrad, load_run, select_instances
+from nnxai.sanity.faithfulness import DELETION, deletion_areas, deletion_check, stored_maps
+from nnxai.sanity.gradcheck import gradcheck_verdict, gradient_check
+from nnxai.sanity.randomization import CASCADING, REFERENCE, randomization_check, randomization_verdicts
 from tests.fake_model import write_case, write_model_folder
 from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 

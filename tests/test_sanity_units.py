@@ -8,12 +8,12 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from nnxai.faithfulness import (DELETION, INSERTION, _InstanceProbe, deletion_areas, deletion_groups,
-                                parse_percentages)
-from nnxai.randomization import (CASCADING, COLUMNS, Step, _comparison_rows, block_name, compare_maps,
-                                 randomizable_blocks, randomization_verdicts, randomized_copy)
-from nnxai.sanity import SanityError, instance_box, instance_logits, select_instances
-from nnxai.sliding_window import SlidingWindow
+from nnxai.nnunet.sliding_window import SlidingWindow
+from nnxai.sanity.common import SanityError, instance_box, instance_logits, select_instances
+from nnxai.sanity.faithfulness import (DELETION, INSERTION, _InstanceProbe, deletion_areas, deletion_groups,
+                                       parse_percentages)
+from nnxai.sanity.randomization import (CASCADING, COLUMNS, Step, _comparison_rows, block_name, compare_maps,
+                                        randomizable_blocks, randomization_verdicts, randomized_copy)
 from tests.conftest import tiny_unet
 from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 

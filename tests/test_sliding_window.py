@@ -4,7 +4,7 @@ import pytest
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from nnxai.sliding_window import SlidingWindow
+from nnxai.nnunet.sliding_window import SlidingWindow
 from tests.conftest import tiny_unet
 
 

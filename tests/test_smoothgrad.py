@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnxai.sliding_window import SlidingWindow
-from nnxai.smoothgrad import (GradientEngine, Sampling, instance_smoothgrad, noise_generator, noise_sigma,
-                              smoothgrad_maps)
+from nnxai.attribution.smoothgrad import (GradientEngine, Sampling, instance_smoothgrad, noise_generator, noise_sigma,
+                                          smoothgrad_maps)
+from nnxai.nnunet.sliding_window import SlidingWindow
 from tests.conftest import tiny_unet
 from tests.graph_memory import peak_graph_bytes
 

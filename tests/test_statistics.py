@@ -5,9 +5,9 @@ import pytest
 from click.testing import CliRunner
 from scipy.stats import kruskal, mannwhitneyu
 
+from nnxai.analysis.statistics import STATS_COLUMNS, cliffs_delta, compare_groups, group_statistics, holm
 from nnxai.cli import main
-from nnxai.explain_output import AnalysisInputError, load_explain_output
-from nnxai.statistics import STATS_COLUMNS, cliffs_delta, compare_groups, group_statistics, holm
+from nnxai.explain.output import AnalysisInputError, load_explain_output
 from tests.fake_explain_output import fake_cohort
 
 

@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from scipy import ndimage
 
 from nnxai.cli import main
-from nnxai.experiments import ExperimentError
-from nnxai.explain import nnunet_prediction
-from nnxai.geometry import preprocess_array, read_images
-from nnxai.model import load_model
-from nnxai.synthetic import (PlacedLesion, PlannedLesion, SyntheticDesign, insert_lesions, normal_appearing,
-                             place_lesions, saliency_statistics, synthetic_channels, table_columns,
-                             white_matter_from_t1)
+from nnxai.experiments.common import ExperimentError
+from nnxai.experiments.synthetic import (PlacedLesion, PlannedLesion, SyntheticDesign, insert_lesions, normal_appearing,
+                                         place_lesions, saliency_statistics, synthetic_channels, table_columns,
+                                         white_matter_from_t1)
+from nnxai.explain.cohort import nnunet_prediction
+from nnxai.nnunet.geometry import preprocess_array, read_images
+from nnxai.nnunet.model import load_model
 from tests.experiment_data import SETTINGS, explained_cohort, write_like
 from tests.fake_model import write_model_folder
 

@@ -15,7 +15,7 @@ from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_trainer_modu
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from fake_nnunet import plan_fake_dataset
-from nnxai.plans import write_small_plans
+from nnxai.nnunet.plans import write_small_plans
 from trainers.nnUNetTrainerShort import nnUNetTrainerShort, nnUNetTrainerWMLShort
 from trainers.nnUNetTrainerWML import nnUNetTrainerWML
 from trainers.wml_loss import NDSCFocalLoss
@@ -54,7 +54,7 @@ def make_trainer(trainer_class, plans: dict, labels: dict | None = None, **datas
 def test_nnunet_finds_the_trainers_once_registered(tmp_path):
     script = textwrap.dedent(f"""
         from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-        from nnxai.environment import register_trainers
+        from nnxai.nnunet.environment import register_trainers
         try:
             recursive_find_trainer_class_by_name("nnUNetTrainerWML")
             print("RESULT found without registration")

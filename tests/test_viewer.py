@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from nnxai.analysis.viewer import NIIVUE_BUNDLE, NIIVUE_VERSION, collect_lesions, crop_box, nifti_base64
 from nnxai.cli import main
-from nnxai.explain_output import load_explain_output
-from nnxai.viewer import NIIVUE_BUNDLE, NIIVUE_VERSION, collect_lesions, crop_box, nifti_base64
+from nnxai.explain.output import load_explain_output
 from tests.fake_explain_output import fake_cohort
 from tests.test_report import chromium
 
@@ -135,7 +135,7 @@ window.addEventListener("load", () => whenLoaded(0, () => {
 
 @pytest.mark.skipif(chromium() is None, reason="no chromium binary (apt-get install chromium) to render the report")
 def test_viewer_renders_and_loads_a_clicked_lesion_in_headless_chromium(cohort, tmp_path):
-    from nnxai.report import write_report
+    from nnxai.analysis.report import write_report
 
     path = write_report(load_explain_output(cohort), examples=0)
     page = tmp_path / "checked.html"

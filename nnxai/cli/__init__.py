@@ -7,6 +7,7 @@ import sys
 import click
 
 from nnxai import __version__
+from nnxai.errors import InputError
 
 
 class LazyGroup(click.Group):
@@ -24,6 +25,13 @@ class LazyGroup(click.Group):
             module_name, attribute = self.lazy_commands[name].split(":")
             return getattr(importlib.import_module(module_name), attribute)
         return super().get_command(ctx, name)
+
+    def invoke(self, ctx: click.Context):
+        """Bad input raised by the library (InputError) ends the command with its one-line message."""
+        try:
+            return super().invoke(ctx)
+        except InputError as error:
+            raise click.ClickException(str(error)) from None
 
 
 COMMANDS = {

@@ -1,24 +1,13 @@
 """`nnxai experiment rings`, `nnxai stats` and `nnxai report`: analyses of an explain output folder."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from nnxai.explain_output import AnalysisInputError, load_explain_output
+from nnxai.explain.output import load_explain_output
 
 out_folder = click.argument("out", type=click.Path(path_type=Path))
-
-
-@contextmanager
-def input_errors() -> Iterator[None]:
-    """Bad input becomes a one-line click error and a non-zero exit."""
-    try:
-        yield
-    except AnalysisInputError as error:
-        raise click.ClickException(str(error)) from None
 
 
 @click.command("rings")
@@ -28,11 +17,10 @@ def input_errors() -> Iterator[None]:
 @click.option("--method", default=None, help="Saliency method whose maps to read [default: the run's].")
 def rings(out: Path, max_mm: int, method: str | None) -> None:
     """Saliency inside each instance and in 1 mm shells around it, per channel: OUT/rings.csv."""
-    from nnxai.rings import ring_table, write_rings
+    from nnxai.analysis.rings import ring_table, write_rings
 
-    with input_errors():
-        output = load_explain_output(out)
-        path = write_rings(output, ring_table(output, max_mm, method, progress=True))
+    output = load_explain_output(out)
+    path = write_rings(output, ring_table(output, max_mm, method, progress=True))
     click.echo(f"Wrote {path}")
 
 
@@ -48,12 +36,11 @@ def stats(out: Path, min_n: int, method: str | None, level: str) -> None:
 
     Kruskal-Wallis over all groups, pairwise Mann-Whitney U with Holm correction, Cliff's delta.
     """
-    from nnxai.statistics import group_statistics, write_statistics
+    from nnxai.analysis.statistics import group_statistics, write_statistics
 
-    with input_errors():
-        output = load_explain_output(out)
-        table = group_statistics(output, min_n, method, level)
-        path = write_statistics(output, table)
+    output = load_explain_output(out)
+    table = group_statistics(output, min_n, method, level)
+    path = write_statistics(output, table)
     click.echo(f"Wrote {path}")
 
 
@@ -68,8 +55,7 @@ def stats(out: Path, min_n: int, method: str | None, level: str) -> None:
               help="Most lesions the viewer embeds (each adds its cropped volumes to the page).")
 def report(out: Path, examples: int, method: str | None, viewer: bool, viewer_lesions: int) -> None:
     """One self-contained HTML report of all analyses: OUT/report/report.html (figures also as PNG)."""
-    from nnxai.report import write_report
+    from nnxai.analysis.report import write_report
 
-    with input_errors():
-        path = write_report(load_explain_output(out), examples, method, viewer_lesions if viewer else 0)
+    path = write_report(load_explain_output(out), examples, method, viewer_lesions if viewer else 0)
     click.echo(f"Wrote {path}")

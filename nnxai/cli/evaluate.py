@@ -1,16 +1,13 @@
 """`nnxai evaluate` and `nnxai compare`: lesion-wise metrics of prediction folders against ground truth."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from nnxai.cli.options import trust_model_option
-from nnxai.evaluation import (CONVENTIONS, CasePairing, EvaluationInputError, convention_options, evaluate_folders,
-                              write_evaluation)
-from nnxai.instances import CONNECTIVITIES, MATCHING_RULES
+from nnxai.lesions.evaluation import CONVENTIONS, CasePairing, convention_options, evaluate_folders, write_evaluation
+from nnxai.lesions.instances import CONNECTIVITIES, MATCHING_RULES
 
 existing_folder = click.Path(exists=True, file_okay=False, path_type=Path)
 
@@ -48,15 +45,6 @@ def report_pairing(pairing: CasePairing, label: str) -> None:
         click.echo(f"Warning: {label}: not evaluated: {pairing.mismatch_message()}", err=True)
 
 
-@contextmanager
-def input_errors() -> Iterator[None]:
-    """Turn bad-input errors into a click error: one line per problem, non-zero exit."""
-    try:
-        yield
-    except EvaluationInputError as error:
-        raise click.ClickException("\n".join(error.problems)) from error
-
-
 @click.command("evaluate")
 @click.argument("gt_dir", type=existing_folder)
 @click.argument("pred_dir", type=existing_folder)
@@ -70,10 +58,9 @@ def evaluate(gt_dir: Path, pred_dir: Path, output: Path | None, convention: str,
 
     Overall values are given both as the mean over cases and pooled (from counts summed over cases).
     """
-    with input_errors():
-        options = convention_options(convention, int(connectivity) if connectivity else None, min_size, rule,
-                                     iou_threshold)
-        evaluation = evaluate_folders(gt_dir, pred_dir, options, only_common, file_ending, progress=True)
+    options = convention_options(convention, int(connectivity) if connectivity else None, min_size, rule,
+                                 iou_threshold)
+    evaluation = evaluate_folders(gt_dir, pred_dir, options, only_common, file_ending, progress=True)
     report_pairing(evaluation.pairing, str(pred_dir))
     click.echo(f"{len(evaluation.per_case)} cases; lesions: {options.describe()}")
     click.echo(evaluation.overall.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -112,8 +99,8 @@ def compare(gt_dir: Path, entries: tuple[str, ...], output: Path, n_bootstrap: i
     Writes each metric with its 95% bootstrap CI side by side, and per-case differences against the
     baseline with their CI and Wilcoxon signed-rank p.
     """
-    from nnxai.comparison import (ModelPrediction, compare_entries, parse_entry,  # scipy + matplotlib: load on use
-                                  write_comparison)
+    from nnxai.analysis.comparison import (ModelPrediction, compare_entries,  # scipy + matplotlib: load on use
+                                           parse_entry, write_comparison)
 
     prediction = None
     if images_dir is not None:
@@ -124,14 +111,13 @@ def compare(gt_dir: Path, entries: tuple[str, ...], output: Path, n_bootstrap: i
         device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         prediction = ModelPrediction(images_dir, output / "predictions", device, step_size, not disable_tta,
                                      checkpoint, trust_checkpoint)
-    with input_errors():
-        options = convention_options(convention, int(connectivity) if connectivity else None, min_size, rule,
-                                     iou_threshold)
-        parsed = [parse_entry(text) for text in entries]
-        comparison = compare_entries(gt_dir, parsed, options, n_bootstrap, seed, only_common, file_ending,
-                                     progress=True, prediction=prediction)
-        for name, pairing in comparison.pairings.items():
-            report_pairing(pairing, name)
-        written = write_comparison(comparison, output)
+    options = convention_options(convention, int(connectivity) if connectivity else None, min_size, rule,
+                                 iou_threshold)
+    parsed = [parse_entry(text) for text in entries]
+    comparison = compare_entries(gt_dir, parsed, options, n_bootstrap, seed, only_common, file_ending,
+                                 progress=True, prediction=prediction)
+    for name, pairing in comparison.pairings.items():
+        report_pairing(pairing, name)
+    written = write_comparison(comparison, output)
     click.echo(comparison.markdown)
     click.echo("Wrote " + ", ".join(str(p) for p in written))

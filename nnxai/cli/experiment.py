@@ -16,10 +16,10 @@ import torch
 from nnxai.cli import LazyGroup
 from nnxai.cli.explain import resolve_device
 from nnxai.cli.options import trust_model_option
-from nnxai.experiments import ExperimentOutcome, case_files, experiment_folder, load_run_model, read_explain_run
-from nnxai.explain import ExplainSettings
-from nnxai.instances import CONNECTIVITIES, GROUPS, MATCHING_RULES, UNKNOWN_GROUP
-from nnxai.model import LoadedModel
+from nnxai.experiments.common import ExperimentOutcome, case_files, experiment_folder, load_run_model, read_explain_run
+from nnxai.explain.cohort import ExplainSettings
+from nnxai.lesions.instances import CONNECTIVITIES, GROUPS, MATCHING_RULES, UNKNOWN_GROUP
+from nnxai.nnunet.model import LoadedModel
 
 EXPERIMENTS = {
     "synthetic": "nnxai.cli.experiment:synthetic",
@@ -155,7 +155,7 @@ def finish(name: str, out: Path, outcome: ExperimentOutcome, what: str) -> None:
 def synthetic(out, sizes, flair_factors, t1_factors, flair_sd, t1_sd, per_case, per_volume, min_distance_mm,
               clearance_mm, margin_mm, seed, wm_dir, save_volumes, samples, **run) -> None:
     """Insert synthetic lesions into normal-appearing white matter; record detection, probability and saliency."""
-    from nnxai.synthetic import SyntheticDesign, synthetic_experiment
+    from nnxai.experiments.synthetic import SyntheticDesign, synthetic_experiment
 
     design = SyntheticDesign(sizes, flair_factors, t1_factors, flair_sd, t1_sd, per_case, per_volume,
                              min_distance_mm, clearance_mm, margin_mm, seed)
@@ -192,7 +192,7 @@ def synthetic(out, sizes, flair_factors, t1_factors, flair_sd, t1_sd, per_case, 
 def context(out, groups, min_voxels, max_voxels, min_mm3, max_mm3, max_mm, step_mm, plateau_fraction, bootstrap,
             confidence, seed, **run) -> None:
     """Keep the image only within k mm of each lesion, predict, and estimate the context the model needs."""
-    from nnxai.context import ContextDesign, context_experiment, summarize_context, write_summary
+    from nnxai.experiments.context import ContextDesign, context_experiment, summarize_context, write_summary
 
     if min_mm3 is None and max_mm3 is None:  # the study's TP lesions of 91-119 voxels
         min_voxels = 91 if min_voxels is None else min_voxels

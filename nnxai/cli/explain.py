@@ -7,13 +7,14 @@ from pathlib import Path
 import click
 import torch
 
+from nnxai.attribution.gradcampp import VARIANTS
+from nnxai.attribution.smoothgrad import AGGREGATIONS, AMP_DTYPES, BACKWARD_MODES
 from nnxai.cli.options import trust_model_option
-from nnxai.explain import (DEFAULT_MAX_MAPS, METHODS, CaseError, ComputeOptions, ExplainSettings, explain_cohort,
-                           prepare_output_folder)
-from nnxai.gradcampp import VARIANTS
-from nnxai.instances import CONNECTIVITIES, MATCHING_RULES
-from nnxai.model import load_model, model_folder
-from nnxai.smoothgrad import AGGREGATIONS, AMP_DTYPES, BACKWARD_MODES
+from nnxai.errors import InputError
+from nnxai.explain.cohort import (DEFAULT_MAX_MAPS, METHODS, ComputeOptions, ExplainSettings, explain_cohort,
+                                  prepare_output_folder)
+from nnxai.lesions.instances import CONNECTIVITIES, MATCHING_RULES
+from nnxai.nnunet.model import load_model, model_folder
 
 
 def resolve_device(name: str) -> str:
@@ -136,16 +137,13 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
                                "which is not a folder; point it at the folder nnUNetv2_train wrote, or give the "
                                "model folder with -m")
     created = not out.exists()
-    try:
-        prepare_output_folder(out)
-    except CaseError as error:
-        raise click.ClickException(str(error)) from None
+    prepare_output_folder(out)
     try:
         folder = model_dir or model_folder(dataset, configuration, trainer, plans)
         model = load_model(folder, list(folds) or None, checkpoint, trust_checkpoint)
         lesion_label = model.resolve_label(label)
         model.check_threshold(threshold)
-    except click.ClickException:
+    except InputError:
         if created:  # a refused model leaves no output folder behind
             out.rmdir()
         raise
@@ -157,11 +155,8 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
                                connectivity=int(connectivity), rule=rule, iou_threshold=iou_threshold, seed=seed,
                                step_size=step_size, use_mirroring=not disable_tta)
     compute = ComputeOptions(backward, max_batch, memory_budget, max_maps)
-    try:
-        result = explain_cohort(model, images, out, settings, gt_dir, num_parts, part_id, overwrite, device,
-                                compute=compute)
-    except CaseError as error:
-        raise click.ClickException(str(error)) from None
+    result = explain_cohort(model, images, out, settings, gt_dir, num_parts, part_id, overwrite, device,
+                            compute=compute)
     click.echo(f"explained {len(result.explained)} case(s), skipped {len(result.skipped)} finished, "
                f"failed {len(result.failed)}; tables in {out}")
     if result.failed:

@@ -1,25 +1,12 @@
 """`nnxai fpfilter train|apply`: flag false-positive lesions from their saliency features."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 existing_folder = click.Path(exists=True, file_okay=False, path_type=Path)
 REPORTED_METRICS = ("lesion_f1", "lesion_ppv", "lesion_tpr")
-
-
-@contextmanager
-def filter_errors() -> Iterator[None]:
-    """Bad input becomes a one-line click error and a non-zero exit."""
-    from nnxai.fpfilter import FPFilterError
-
-    try:
-        yield
-    except FPFilterError as error:
-        raise click.ClickException(str(error)) from None
 
 
 @click.group("fpfilter")
@@ -48,14 +35,13 @@ def fpfilter() -> None:
 def train(out_dirs: tuple[Path, ...], output: Path, patients: Path | None, classifier: str, C: float, folds: int,
           threshold: float, shell_mm: int, seed: int) -> None:
     """Train on the TP and FP instances of explain output folders OUT... (explained with --gt)."""
-    from nnxai.evaluation import write_atomically
-    from nnxai.fpfilter import cohort_features, read_patients, train_filter
+    from nnxai.analysis.fpfilter import cohort_features, read_patients, train_filter
+    from nnxai.files import write_atomically
 
-    with filter_errors():
-        features = cohort_features(list(out_dirs), shell_mm, progress=True)
-        case_to_patient = read_patients(patients) if patients else None
-        training = train_filter(features, case_to_patient, classifier, C, folds, seed, threshold, shell_mm,
-                                [str(p) for p in out_dirs])
+    features = cohort_features(list(out_dirs), shell_mm, progress=True)
+    case_to_patient = read_patients(patients) if patients else None
+    training = train_filter(features, case_to_patient, classifier, C, folds, seed, threshold, shell_mm,
+                            [str(p) for p in out_dirs])
     summary = training.model.cross_validation
     features_path = output.with_name(f"{output.stem}_features.csv")
     cv_path = output.with_name(f"{output.stem}_cv.csv")
@@ -102,13 +88,12 @@ def apply(model_path: Path, out_dir: Path, output: Path, threshold: float | None
 
     The model file is unpickled: use only model files from a source you trust.
     """
-    from nnxai.comparison import with_ci
-    from nnxai.fpfilter import FPFilter, apply_filter
+    from nnxai.analysis.comparison import with_ci
+    from nnxai.analysis.fpfilter import FPFilter, apply_filter
 
-    with filter_errors():
-        model = FPFilter.load(model_path)
-        result = apply_filter(model, out_dir, output, threshold, gt_dir, only_common, n_bootstrap, seed, overwrite,
-                              progress=True, cross_fitted=cross_fitted)
+    model = FPFilter.load(model_path)
+    result = apply_filter(model, out_dir, output, threshold, gt_dir, only_common, n_bootstrap, seed, overwrite,
+                          progress=True, cross_fitted=cross_fitted)
     used = model.threshold if threshold is None else threshold
     click.echo(f"removed {len(result.removed)} of {len(result.scores)} instances (P(FP) > {used}); "
                f"filtered masks and tables in {result.output}")

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import click
 
+from nnxai.attribution.gradcampp import LayerError, default_layer, valid_layers
 from nnxai.cli.options import trust_model_option
-from nnxai.gradcampp import LayerError, default_layer, valid_layers
-from nnxai.model import load_model, model_folder
+from nnxai.nnunet.model import load_model, model_folder
 
 
 @click.command("layers", context_settings={"help_option_names": ["-h", "--help"]})

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from nnxai.explain import CASE_TABLE, CaseError
-from nnxai.merge import merge_outputs
+from nnxai.explain.merge import merge_outputs
+from nnxai.explain.output import CASE_TABLE
 
 
 @click.command("merge", context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,10 +20,7 @@ def merge(out: Path, images: Path | None, allow_missing: bool) -> None:
     Exits with status 1 when an input case has no finished folder (a re-run of `nnxai explain` with the
     same options does only those), unless --allow-missing.
     """
-    try:
-        report = merge_outputs(out, images)
-    except CaseError as error:
-        raise click.ClickException(str(error)) from None
+    report = merge_outputs(out, images)
     click.echo(f"{out}: {len(report.cases) - len(report.missing)} of {len(report.cases)} case(s) finished; "
                f"{report.instances} instance(s) in {out / CASE_TABLE}")
     if report.partial:

@@ -9,7 +9,7 @@ import torch
 
 from nnxai.cli.explain import resolve_device
 from nnxai.cli.options import trust_model_option
-from nnxai.sanity import ExplainRun, check_methods, load_run, select_instances
+from nnxai.sanity.common import ExplainRun, check_methods, load_run, select_instances
 
 existing_folder = click.Path(exists=True, file_okay=False, path_type=Path)
 
@@ -79,7 +79,8 @@ def sanity() -> None:
 def randomize(out, images, device, disable_tta, trust_checkpoint, cases, groups, max_instances, methods, margin_mm,
               layers, samples, no_independent, seed, threshold, statistic) -> None:
     """Model-randomization check: do the maps change when the network's weights are destroyed?"""
-    from nnxai.randomization import randomization_check, randomization_verdicts, verdict_lines, write_randomization
+    from nnxai.sanity.randomization import (randomization_check, randomization_verdicts, verdict_lines,
+                                            write_randomization)
 
     run = open_run(out, images, trust_checkpoint, disable_tta, samples=samples)
     methods = list(methods) or list(run.settings.methods)
@@ -109,7 +110,7 @@ def randomize(out, images, device, disable_tta, trust_checkpoint, cases, groups,
 def deletion(out, images, device, disable_tta, trust_checkpoint, cases, groups, max_instances, methods, margin_mm,
              percents, mode, seeds, seed, ranking) -> None:
     """Deletion / insertion faithfulness: does changing the most salient voxels change the prediction first?"""
-    from nnxai.faithfulness import MODES, deletion_check, parse_percentages, summary_lines, write_deletion
+    from nnxai.sanity.faithfulness import MODES, deletion_check, parse_percentages, summary_lines, write_deletion
 
     percentages = parse_percentages(percents)
     run = open_run(out, images, trust_checkpoint, disable_tta)
@@ -138,7 +139,7 @@ def deletion(out, images, device, disable_tta, trust_checkpoint, cases, groups, 
               help="Largest relative error that passes.")
 def gradcheck(out, images, device, disable_tta, trust_checkpoint, case, instance_id, voxels, step, tolerance) -> None:
     """Compare one instance's map (the noise-free gradient) with float64 finite differences at a few voxels."""
-    from nnxai.gradcheck import choose_instance, gradcheck_verdict, gradient_check, write_gradcheck
+    from nnxai.sanity.gradcheck import choose_instance, gradcheck_verdict, gradient_check, write_gradcheck
 
     run = open_run(out, images, trust_checkpoint, disable_tta)
     case, instance_id = choose_instance(run, case, instance_id)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from nnxai.environment import trainers_path as _trainers_path
+from nnxai.nnunet.environment import trainers_path as _trainers_path
 
 
 @click.command("trainers-path")

@@ -1,0 +1,1 @@
+"""Findings from explained runs: rings, features, statistics, figures, FP filter, report, viewer."""

@@ -1,0 +1,1 @@
+"""Experiments on explained runs: synthetic lesions, perilesional context."""

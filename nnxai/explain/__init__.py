@@ -1,0 +1,1 @@
+"""Explaining a cohort lesion by lesion and the output folder it writes."""

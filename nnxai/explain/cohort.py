@@ -1,0 +1,374 @@
+"""`nnxai explain`: per case, nnU-Net's prediction, its lesion instances and one saliency map per instance.
+
+Each case is written to `OUT/<case>/` through a temporary folder that is renamed when complete, so an
+interrupted run never leaves half a case and a re-run continues with the cases still missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from nnxai.attribution.gradcampp import VARIANTS, LayerError, check_layer, default_layer, instance_gradcampp
+from nnxai.attribution.smoothgrad import (AGGREGATIONS, AMP_DTYPES, GradientEngine, GradientError, Sampling,
+                                          noise_generator, smoothgrad_maps)
+from nnxai.explain.cases import CaseError, check_channels, find_cases, read_ground_truth, shard
+from nnxai.explain.output import CASE_TABLE, RUN_RECORD
+from nnxai.explain.uncertainty import UNCERTAINTY_COLUMNS, fold_probabilities, instance_uncertainty
+from nnxai.files import write_atomically
+from nnxai.lesions.instances import LesionInstance, case_instances
+from nnxai.nnunet.channels import channel_index
+from nnxai.nnunet.geometry import (preprocess_array, probabilities_in_original_space, read_images, to_network_space,
+                                   to_original_space, voxel_volume_mm3, world_coordinates, write_volume)
+from nnxai.nnunet.model import LoadedModel
+from nnxai.nnunet.sliding_window import SlidingWindow
+
+METHODS = ("smoothgrad", "gradcampp")
+DEFAULT_MAX_MAPS = 8  # SmoothGrad maps held at once; see smoothgrad_maps
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """Everything that determines the maps of a run (recorded in run.json)."""
+
+    methods: tuple[str, ...] = ("smoothgrad",)
+    samples: int | str = 50  # or "auto": until each map converged (tol, max_samples)
+    noise: float = 0.05
+    noise_channel: int | None = None  # its range sets the noise sigma; None: FLAIR by name (resolved before the record)
+    aggregation: str = "mean"
+    tol: float = 0.05
+    max_samples: int = 200
+    antithetic: bool | None = None  # noise in +/- pairs; None: with --samples auto only (resolved before the record)
+    layer: str | None = None  # Grad-CAM++ layer; None: the last decoder stage (resolved before the run record)
+    gradcampp_variant: str = "monai"
+    normalize: bool = False
+    amp: str | None = None
+    threshold: float = 0.5
+    min_size: int = 1
+    connectivity: int = 18
+    rule: str = "any"
+    iou_threshold: float = 0.25
+    seed: int = 0
+    step_size: float = 0.5
+    use_mirroring: bool = True
+    lesion_label: int = 1
+
+    @property
+    def method(self) -> str:
+        """The first method (runs with one method)."""
+        return self.methods[0]
+
+    @property
+    def noise_range_channel(self) -> int:
+        """The channel whose range sets the noise sigma (runs recorded before it was found by name used channel 0)."""
+        return 0 if self.noise_channel is None else self.noise_channel
+
+    def sampling(self) -> Sampling:
+        auto = self.samples == "auto"
+        return Sampling(None if auto else int(self.samples), self.tol, self.max_samples,
+                        antithetic=auto if self.antithetic is None else self.antithetic)
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How gradients are computed (see GradientEngine): the maps do not depend on it beyond float rounding, so a
+    run may resume with other values."""
+
+    backward: str = "auto"
+    max_batch: int = 16
+    memory_budget_mb: float | None = None
+    max_maps: int | None = DEFAULT_MAX_MAPS
+
+    def engine(self, amp: str | None) -> GradientEngine:
+        return GradientEngine(self.backward, self.max_batch, amp, self.memory_budget_mb, self.max_maps)
+
+
+@dataclass
+class CohortResult:
+    """What a run did: cases explained now, skipped because finished earlier, and failed (case -> message)."""
+
+    explained: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+
+
+def nnunet_prediction(model: LoadedModel, data: torch.Tensor, properties: dict, settings: ExplainSettings,
+                      device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(lesion probability, segmentation) in the input grid from nnU-Net's own predictor, as `nnxai explain`
+    exports them; the experiments predict through this too, so they find exactly the explained lesions."""
+    logits = model.nnunet_logits(data, settings.step_size, settings.use_mirroring, device)
+    probabilities = probabilities_in_original_space(model, logits, properties)
+    return (probabilities[settings.lesion_label],
+            model.segment(probabilities, settings.lesion_label, settings.threshold))
+
+
+def instance_network_masks(model: LoadedModel, instances: list[LesionInstance],
+                           properties: dict) -> dict[int, np.ndarray]:
+    """Each instance's mask in network space, mapped together in as few label volumes as overlaps allow.
+
+    Predicted instances never overlap each other, nor FN lesions each other; with the IoU rule an FN
+    lesion may overlap a predicted instance, and then goes into a second volume.
+    """
+    layers: list[tuple[np.ndarray, list[LesionInstance]]] = []
+    for instance in instances:
+        layer = next((layer for layer in layers if not layer[0][instance.mask].any()), None)
+        if layer is None:
+            layers.append(layer := (np.zeros(instance.mask.shape, dtype=np.int32), []))
+        layer[0][instance.mask] = instance.instance_id
+        layer[1].append(instance)
+    masks = {}
+    for labels, members in layers:
+        network_labels = to_network_space(model, labels, properties)
+        masks.update({instance.instance_id: network_labels == instance.instance_id for instance in members})
+    return masks
+
+
+def instance_row(case: str, instance: LesionInstance, probability: np.ndarray, properties: dict,
+                 network_mask: np.ndarray, per_fold: Sequence[np.ndarray] = ()) -> dict:
+    """The instance's columns of instances.csv before its maps: identity, size, place, probability, uncertainty."""
+    voxels = int(instance.mask.sum())
+    centroid = world_coordinates(properties, np.argwhere(instance.mask).mean(axis=0))
+    return {"case": case, "instance_id": instance.instance_id, "group": instance.group, "voxels": voxels,
+            "volume_mm3": voxels * voxel_volume_mm3(properties),
+            "centroid_x": centroid[0], "centroid_y": centroid[1], "centroid_z": centroid[2],
+            "mean_probability": float(probability[instance.mask].mean()),
+            "network_voxels": int(network_mask.sum()),
+            **instance_uncertainty(instance.mask, probability, per_fold)}
+
+
+def _statistics(values: np.ndarray, columns: dict[str, str]) -> dict[str, float]:
+    """Statistics of `values` (peak_pos or peak: max, peak_neg: min, mean) under the given names; NaN if empty."""
+    functions = {"peak_pos": np.max, "peak": np.max, "peak_neg": np.min, "mean": np.mean}
+    return {column: np.nan if values.size == 0 else float(functions[stat](values)) for stat, column in columns.items()}
+
+
+def instance_maps(window: SlidingWindow, data: torch.Tensor, network_masks: dict[int, np.ndarray],
+                  channel_names: list[str], settings: ExplainSettings, stream: str, engine: GradientEngine,
+                  progress: bool = False) -> Iterator[tuple[str, int, np.ndarray, dict[str, float]]]:
+    """The run's maps, instance by instance, as (method, instance id, network-space map (channels, *spatial),
+    its columns of instances.csv): SmoothGrad `engine.max_maps` instances at a time, so the caller can write
+    and drop each map, then Grad-CAM++. Statistics are taken in network space, where every case shares one
+    spacing; `stream` names the noise stream (the case)."""
+    if "smoothgrad" in settings.methods:
+        for instance_id, result in smoothgrad_maps(window, data, network_masks, settings.sampling(),
+                                                   settings.noise, noise_generator(settings.seed, stream),
+                                                   settings.lesion_label, settings.aggregation, engine, progress,
+                                                   settings.noise_range_channel):
+            full, mask = result.map, network_masks[instance_id]
+            columns = {}
+            for channel, name in enumerate(channel_names):
+                columns.update(_statistics(full[channel][mask], {
+                    stat: f"smoothgrad_{name}_{stat}" for stat in ("peak_pos", "peak_neg", "mean")}))
+            columns.update(smoothgrad_samples=result.samples, smoothgrad_rel_std_error=result.relative_standard_error)
+            yield "smoothgrad", instance_id, full, columns
+    if "gradcampp" in settings.methods:
+        cams = instance_gradcampp(window, data, network_masks, settings.layer, settings.gradcampp_variant,
+                                  settings.normalize, settings.lesion_label, engine, progress)
+        for instance_id in list(cams):
+            cam = cams.pop(instance_id)
+            yield "gradcampp", instance_id, cam[None], _statistics(cam[network_masks[instance_id]],
+                                                                   {"peak": "gradcampp_peak", "mean": "gradcampp_mean"})
+
+
+def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path, settings: ExplainSettings,
+                 gt_file: Path | None = None, device: str = "cpu", progress: bool = False,
+                 engine: GradientEngine | None = None) -> pd.DataFrame:
+    """Predict, find instances and explain each one; writes `out_dir/<case>/` atomically, returns its table."""
+    check_channels(files)
+    ground_truth = None if gt_file is None else read_ground_truth(model, gt_file, files[0], settings.lesion_label)
+    images, properties = read_images(model, files)
+    data = preprocess_array(model, images, properties)
+    window = model.sliding_window(settings.step_size, settings.use_mirroring, device)
+    engine = engine or GradientEngine(amp=settings.amp)
+    tensor = torch.from_numpy(data)
+    probability, prediction = nnunet_prediction(model, tensor, properties, settings, device)
+    per_fold = fold_probabilities(model, tensor, properties, settings.lesion_label, settings.step_size,
+                                  settings.use_mirroring, device)
+    instances = case_instances(prediction, ground_truth, settings.connectivity, settings.min_size, settings.rule,
+                               settings.iou_threshold)
+    network_masks = instance_network_masks(model, instances, properties) if instances else {}
+    staging = out_dir / f".{case}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        instance_labels = np.zeros(prediction.shape, dtype=np.uint16)
+        for instance in reversed(instances):  # predicted instances win where an FN lesion overlaps them
+            instance_labels[instance.mask] = instance.instance_id
+        write_volume(prediction.astype(np.uint8), staging / "prediction.nii.gz", properties)
+        write_volume(instance_labels, staging / "instances.nii.gz", properties)
+        rows = {instance.instance_id: instance_row(case, instance, probability, properties,
+                                                   network_masks[instance.instance_id], per_fold)
+                for instance in instances}
+        for method, instance_id, network_map, columns in instance_maps(
+                window, tensor, network_masks, model.channel_names, settings, case, engine, progress):
+            names = [f"{instance_id:03d}_{name}" for name in model.channel_names] if method == "smoothgrad" \
+                else [f"{instance_id:03d}"]
+            for volume, name in zip(to_original_space(model, network_map, properties), names):
+                write_volume(volume, staging / method / f"{name}.nii.gz", properties)
+            rows[instance_id].update(columns)
+    except Exception:  # a failed case leaves nothing; a killed run leaves the partial folder for merge to report
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    table = pd.DataFrame(list(rows.values()), columns=table_columns(model.channel_names, settings.methods))
+    table.to_csv(staging / CASE_TABLE, index=False)
+    _replace_folder(staging, out_dir / case)
+    return table
+
+
+def table_columns(channel_names: list[str], methods: str | Sequence[str]) -> list[str]:
+    """Columns of the instance tables, in order."""
+    methods = (methods,) if isinstance(methods, str) else tuple(methods)
+    columns = ["case", "instance_id", "group", "voxels", "volume_mm3", "centroid_x", "centroid_y", "centroid_z",
+               "mean_probability", "network_voxels", *UNCERTAINTY_COLUMNS]
+    if "smoothgrad" in methods:
+        columns += [f"smoothgrad_{name}_{stat}" for name in channel_names for stat in ("peak_pos", "peak_neg", "mean")]
+        columns += ["smoothgrad_samples", "smoothgrad_rel_std_error"]
+    if "gradcampp" in methods:
+        columns += ["gradcampp_peak", "gradcampp_mean"]
+    return columns
+
+
+def _replace_folder(staging: Path, final: Path) -> None:
+    """Move a completed staging folder into place, replacing an older result only once the new one is complete."""
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run_record(model: LoadedModel, settings: ExplainSettings, images_dir: Path, gt_dir: Path | None,
+               compute: ComputeOptions = ComputeOptions()) -> dict:
+    """Parameters, model identity (with checkpoint hashes), seed and package versions of a run."""
+    packages = {}
+    for name in ("nnxai", "nnunetv2", "torch", "numpy", "scipy", "SimpleITK", "connected-components-3d"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    return {"settings": asdict(settings), "compute": asdict(compute), "model": model.describe(),
+            "images": str(images_dir),
+            "file_ending": model.dataset_json["file_ending"],
+            "ground_truth": str(gt_dir) if gt_dir else None, "channels": model.channel_names,
+            "python": platform.python_version(), "packages": packages,
+            "saliency_statistics_space": "network (preprocessed) space, one spacing for all cases",
+            "noise_channel_note": noise_channel_note(model.channel_names) if "smoothgrad" in settings.methods else None}
+
+
+def noise_channel_note(channel_names: list[str]) -> str | None:
+    """Why the noise sigma is not taken from FLAIR, when no channel is named so; None when one is."""
+    if channel_index(channel_names, "FLAIR") is not None:
+        return None
+    return (f"no input channel is named FLAIR in dataset.json ({', '.join(channel_names)}): the SmoothGrad noise "
+            f"sigma is taken from the range of channel 0 ({channel_names[0]})")
+
+
+def _check_resumable(out_dir: Path, record: dict, overwrite: bool) -> None:
+    """Refuse to mix outputs of different settings or models in one folder unless --overwrite is given."""
+    path = out_dir / RUN_RECORD
+    if overwrite or not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+    for key in ("settings", "model", "ground_truth"):
+        if previous.get(key) != json.loads(json.dumps(record[key])):
+            raise CaseError(f"{path}: this folder holds a run with other {key}; use another -o or --overwrite")
+
+
+def collect_tables(out_dir: Path) -> pd.DataFrame:
+    """The cohort table: every finished case's instance table, concatenated."""
+    tables = [pd.read_csv(p) for p in sorted(out_dir.glob(f"*/{CASE_TABLE}")) if not p.parent.name.startswith(".")]
+    non_empty = [t for t in tables if not t.empty]
+    return pd.concat(non_empty, ignore_index=True) if non_empty else (tables[0] if tables else pd.DataFrame())
+
+
+def prepare_output_folder(out_dir: Path) -> None:
+    """Create the output folder and check that this process may write there, before any work is done."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CaseError(f"{out_dir}: exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CaseError(f"{out_dir}: cannot create the output folder ({error.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise CaseError(f"{out_dir}: output folder is not writable")
+
+
+def check_settings(model: LoadedModel, settings: ExplainSettings) -> ExplainSettings:
+    """Refuse unknown choices (one line each) and fill in the Grad-CAM++ layer, checked against the network."""
+    choices = {"method": (settings.methods, METHODS), "aggregation": ((settings.aggregation,), AGGREGATIONS),
+               "Grad-CAM++ variant": ((settings.gradcampp_variant,), VARIANTS),
+               "amp": ((settings.amp,) if settings.amp else (), tuple(AMP_DTYPES))}
+    for what, (given, allowed) in choices.items():
+        unknown = [value for value in given if value not in allowed]
+        if unknown:
+            raise CaseError(f"unknown {what} {unknown[0]!r}; choose from {', '.join(allowed)}")
+    if not settings.methods:
+        raise CaseError(f"no method given; choose from {', '.join(METHODS)}")
+    try:
+        sampling = settings.sampling()
+    except ValueError as error:
+        raise CaseError(f"samples {settings.samples!r}: {error}") from None
+    settings = replace(settings, samples=sampling.samples or "auto", antithetic=sampling.antithetic)
+    if settings.noise_channel is None:
+        settings = replace(settings, noise_channel=channel_index(model.channel_names, "FLAIR") or 0)
+    if "gradcampp" not in settings.methods:
+        return settings
+    network = model.networks[0]
+    try:
+        layer = settings.layer or default_layer(network)
+        check_layer(network, layer, model.configuration_manager.patch_size, len(model.channel_names))
+    except LayerError as error:
+        raise CaseError(str(error)) from None
+    return replace(settings, layer=layer)
+
+
+def explain_cohort(model: LoadedModel, images_dir: Path, out_dir: Path, settings: ExplainSettings,
+                   gt_dir: Path | None = None, num_parts: int = 1, part_id: int = 0, overwrite: bool = False,
+                   device: str = "cpu", progress: bool = True,
+                   compute: ComputeOptions = ComputeOptions()) -> CohortResult:
+    """Explain every case of an nnU-Net input folder (one shard of it), skipping cases already finished.
+
+    One gradient engine serves all cases, so the backward mode is measured once (`compute.backward="auto"`).
+    """
+    settings = check_settings(model, settings)
+    engine = compute.engine(settings.amp)
+    file_ending = model.dataset_json["file_ending"]
+    cases = find_cases(images_dir, file_ending, len(model.channel_names))
+    prepare_output_folder(out_dir)
+    record = run_record(model, settings, images_dir, gt_dir, compute)
+    if record["noise_channel_note"]:
+        tqdm.write(f"note: {record['noise_channel_note']}", file=sys.stderr)
+    _check_resumable(out_dir, record, overwrite)
+    write_atomically(out_dir / RUN_RECORD, json.dumps(record, indent=2, default=str) + "\n")
+    result = CohortResult([], [], {})
+    mine = shard(list(cases), num_parts, part_id)
+    for case in tqdm(mine, desc="cases", unit="case", disable=not progress):
+        if (out_dir / case / CASE_TABLE).is_file() and not overwrite:
+            result.skipped.append(case)
+            continue
+        gt_file = None if gt_dir is None else gt_dir / f"{case}{file_ending}"
+        try:
+            explain_case(model, case, cases[case], out_dir, settings, gt_file, device, progress, engine)
+        except GradientError as error:  # a memory budget or precision that no case can work with
+            raise CaseError(f"{case}: {error}") from None
+        except CaseError as error:
+            result.failed[case] = str(error)
+            tqdm.write(f"error: {error}", file=sys.stderr)
+            continue
+        result.explained.append(case)
+    write_atomically(out_dir / CASE_TABLE, collect_tables(out_dir).to_csv(index=False))
+    if engine.timings:  # the backward mode "auto" chose, and the seconds that decided it
+        record["compute"].update(backward_chosen=engine.chosen, backward_seconds=engine.timings)
+        write_atomically(out_dir / RUN_RECORD, json.dumps(record, indent=2, default=str) + "\n")
+    return result

@@ -1,0 +1,142 @@
+"""Reading an `nnxai explain` output folder (OUT) for the analyses: its run record, tables and maps.
+
+Every problem with the folder is raised as `AnalysisInputError` with one line naming the file and the cause.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from nnxai.errors import InputError
+
+RUN_RECORD = "run.json"
+CASE_TABLE = "instances.csv"  # each case's instance table, and the cohort's
+INSTANCE_COLUMNS = ("case", "instance_id", "group")
+PEAKS = ("peak_pos", "peak_neg")
+GROUP_ORDER = ("TP", "FP", "FN", "synthetic", "unknown")
+
+
+class AnalysisInputError(InputError):
+    """An input the analyses cannot use; the message names the file and the problem in one line."""
+
+
+@dataclass(frozen=True)
+class ExplainOutput:
+    """One explain output folder: run record (settings, channels, input folder) and the cohort table."""
+
+    folder: Path
+    record: dict
+    instances: pd.DataFrame
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.record["channels"])
+
+    @property
+    def methods(self) -> list[str]:
+        settings = self.record.get("settings", {})
+        return list(settings.get("methods", [settings.get("method", "smoothgrad")]))
+
+    @property
+    def method(self) -> str:
+        """The first method: the one the analyses read unless told otherwise."""
+        return self.methods[0]
+
+    @property
+    def experiments(self) -> Path:
+        return self.folder / "experiments"
+
+    @property
+    def sanity(self) -> Path:
+        return self.folder / "sanity"
+
+    def instance_labels_path(self, case: str) -> Path:
+        return self.folder / case / "instances.nii.gz"
+
+    def map_path(self, case: str, instance_id: int, channel: str, method: str | None = None) -> Path:
+        return self.folder / case / (method or self.method) / f"{int(instance_id):03d}_{channel}.nii.gz"
+
+    def image_path(self, case: str, channel: str) -> Path | None:
+        """The input image of one channel (`<images>/<case>_<index:04d><file_ending>`), or None if it is not there."""
+        images = self.record.get("images")
+        if not images or channel not in self.channels:
+            return None
+        stem = f"{case}_{self.channels.index(channel):04d}"
+        ending = self.record.get("file_ending")
+        matches = [Path(images) / f"{stem}{ending}"] if ending else sorted(Path(images).glob(f"{stem}.*"))
+        return next((m for m in matches if m.is_file()), None)
+
+    def flair_channel(self) -> str:
+        """The channel named FLAIR (any case), else the first channel."""
+        return next((c for c in self.channels if c.upper() == "FLAIR"), self.channels[0])
+
+
+def load_explain_output(folder: Path) -> ExplainOutput:
+    """Read OUT/run.json and OUT/instances.csv, refusing a folder that is not an explain output."""
+    folder = Path(folder)
+    record_path = folder / RUN_RECORD
+    if not folder.is_dir():
+        raise AnalysisInputError(f"{folder}: no such folder")
+    if not record_path.is_file():
+        raise AnalysisInputError(f"{record_path}: missing; {folder} is not an nnxai explain output folder")
+    try:
+        record = json.loads(record_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AnalysisInputError(f"{record_path}: not valid JSON ({error})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("channels"), list) or not record["channels"]:
+        raise AnalysisInputError(f"{record_path}: no list of channels; not an nnxai run record")
+    instances = read_table(folder / CASE_TABLE, INSTANCE_COLUMNS)
+    return ExplainOutput(folder, record, instances)
+
+
+def read_table(path: Path, columns: Iterable[str] = ()) -> pd.DataFrame:
+    """A CSV table that must exist and hold `columns`; case names stay text ("001" is not the number 1)."""
+    if not path.is_file():
+        raise AnalysisInputError(f"{path}: missing")
+    try:
+        table = pd.read_csv(path, dtype={"case": str})
+    except pd.errors.EmptyDataError:
+        table = pd.DataFrame()
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise AnalysisInputError(f"{path}: not a readable CSV table ({str(error).splitlines()[0]})") from None
+    require_columns(table, columns, path)
+    return table
+
+
+def require_columns(table: pd.DataFrame, columns: Iterable[str], path: Path) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise AnalysisInputError(f"{path}: missing column(s) {', '.join(missing)}")
+
+
+def peak_column(method: str, channel: str, peak: str) -> str:
+    """Column name of a saliency statistic in the instance tables, e.g. `smoothgrad_FLAIR_peak_pos`."""
+    return f"{method}_{channel}_{peak}"
+
+
+def ordered_groups(groups: Iterable[str]) -> list[str]:
+    """Groups in the study's order (TP, FP, FN, synthetic, unknown), any others after them."""
+    present = list(dict.fromkeys(groups))
+    return [g for g in GROUP_ORDER if g in present] + sorted(g for g in present if g not in GROUP_ORDER)
+
+
+def read_volume(path: Path, canonical: bool = False) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """Voxel array (nibabel order), voxel spacing in mm and affine of a NIfTI file; RAS-reoriented if `canonical`."""
+    if not path.is_file():
+        raise AnalysisInputError(f"{path}: missing")
+    try:
+        image = nib.load(path)
+        if canonical:
+            image = nib.as_closest_canonical(image)
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:  # nibabel raises many types for damaged files
+        raise AnalysisInputError(f"{path}: not a readable NIfTI image ({error})") from None
+    if data.ndim != 3:
+        raise AnalysisInputError(f"{path}: expected a 3D image, got shape {data.shape}")
+    return data, tuple(float(z) for z in image.header.get_zooms()[:3]), image.affine

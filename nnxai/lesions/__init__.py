@@ -1,0 +1,1 @@
+"""Lesion instances, lesion-level evaluation and synthetic lesions."""

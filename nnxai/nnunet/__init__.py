@@ -1,0 +1,1 @@
+"""Everything that talks to nnU-Net: model folders, checkpoints, plans, the sliding window, geometry."""

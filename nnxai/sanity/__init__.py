@@ -1,0 +1,1 @@
+"""Sanity checks of the maps: gradient check, model randomization, deletion/insertion faithfulness."""
