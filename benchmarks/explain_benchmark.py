@@ -51,9 +51,9 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from dataset_conversion.nnunet_raw import dataset_folder_name
 from dataset_conversion.phantom import LESION_TABLE, make_phantom_cohort
-from nnxai.attribution.smoothgrad import (GradientEngine, Sampling, exact_float32, noise_sigma, smoothgrad_maps,
-                                          tile_graph_bytes)
-from nnxai.explain.cohort import DEFAULT_MAX_MAPS
+from nnxai.attribution.engine import GradientEngine, exact_float32, tile_graph_bytes
+from nnxai.attribution.smoothgrad import Sampling, noise_sigma, smoothgrad_maps
+from nnxai.explain.settings import DEFAULT_MAX_MAPS
 from nnxai.lesions.instances import label_components
 from nnxai.nnunet.checkpoint import load_checkpoint
 from nnxai.nnunet.plans import CPU_FEATURES, CPU_PATCH_SIZE, small_architecture

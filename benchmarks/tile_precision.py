@@ -17,7 +17,7 @@ import click
 import torch
 
 from benchmarks.explain_benchmark import cpu_plan_network, integers
-from nnxai.attribution.smoothgrad import AMP_DTYPES
+from nnxai.attribution.engine import AMP_DTYPES
 
 PRECISIONS = ("fp32", "tf32", *AMP_DTYPES)
 

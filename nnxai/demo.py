@@ -207,7 +207,8 @@ class Demo:
                      str(self.out / "fpfilter" / "filtered"), "--cross-fitted", "--overwrite")()
 
     def explain(self) -> None:
-        from nnxai.explain.cohort import ComputeOptions, ExplainSettings, explain_cohort
+        from nnxai.explain.cohort import explain_cohort
+        from nnxai.explain.settings import ComputeOptions, ExplainSettings
         from nnxai.nnunet.model import load_model, model_folder
 
         model = load_model(model_folder(str(DATASET_ID), CONFIGURATION, TRAINER, PLANS), [FOLD])

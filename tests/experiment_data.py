@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnxai.explain.cohort import ExplainSettings, explain_cohort
+from nnxai.explain.cohort import explain_cohort
+from nnxai.explain.settings import ExplainSettings
 from nnxai.nnunet.model import LoadedModel, load_model
 from tests.fake_model import write_case, write_model_folder
 

@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from nnxai.attribution.smoothgrad import RunningMean, Sampling, smoothgrad_maps
+from nnxai.attribution.engine import RunningMean
+from nnxai.attribution.smoothgrad import Sampling, smoothgrad_maps
 from nnxai.cli import main
 from nnxai.nnunet.sliding_window import SlidingWindow
 from tests.conftest import tiny_unet

@@ -15,9 +15,10 @@ from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 import nnxai.explain.cohort
 from nnxai.cli import main
 from nnxai.explain.cases import find_cases, shard
-from nnxai.explain.cohort import ExplainSettings, explain_cohort
+from nnxai.explain.cohort import explain_cohort
 from nnxai.explain.merge import merge_outputs
 from nnxai.explain.output import CASE_TABLE
+from nnxai.explain.settings import ExplainSettings
 from nnxai.nnunet.model import load_model
 from tests.fake_model import write_case, write_model_folder
 

@@ -12,10 +12,12 @@ from click.testing import CliRunner
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from scipy import ndimage
 
-from nnxai.attribution.smoothgrad import GradientEngine, Sampling, smoothgrad_maps
+from nnxai.attribution.engine import GradientEngine
+from nnxai.attribution.smoothgrad import Sampling, smoothgrad_maps
 from nnxai.cli import main
 from nnxai.explain.cases import CaseError, find_cases, read_ground_truth, shard
-from nnxai.explain.cohort import ExplainSettings, check_settings, explain_cohort, instance_maps, run_record
+from nnxai.explain.cohort import check_settings, explain_cohort, instance_maps, run_record
+from nnxai.explain.settings import ExplainSettings
 from nnxai.nnunet.geometry import preprocess, to_network_space, to_original_space, world_coordinates
 from nnxai.nnunet.model import ModelError, load_model
 from tests.fake_model import write_case, write_model_folder

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
+from nnxai.attribution.engine import GradientEngine
 from nnxai.attribution.gradcampp import (LayerError, _groups, check_layer, default_layer, gradcampp_map,
                                          instance_gradcampp, valid_layers)
-from nnxai.attribution.smoothgrad import GradientEngine
 from nnxai.cli import main
 from nnxai.nnunet.sliding_window import SlidingWindow
 from tests.conftest import tiny_unet

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnxai.attribution.engine import saved_graph_bytes
 from nnxai.attribution.input_gradients import input_gradients_only
-from nnxai.attribution.smoothgrad import saved_graph_bytes
 from tests.conftest import tiny_unet
 from tests.torch_threads import one_torch_thread  # noqa: F401
 

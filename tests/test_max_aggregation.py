@@ -7,8 +7,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from nnxai.attribution import smoothgrad
-from nnxai.attribution.smoothgrad import GradientEngine, GradientError, Sampling, noise_sigma, smoothgrad_maps
+from nnxai.attribution import engine as gradient_engine
+from nnxai.attribution.engine import GradientEngine, GradientError
+from nnxai.attribution.smoothgrad import Sampling, noise_sigma, smoothgrad_maps
 from nnxai.cli import main
 from nnxai.nnunet.sliding_window import SlidingWindow
 from tests.conftest import tiny_unet
@@ -104,7 +105,7 @@ def test_auto_backward_falls_back_only_when_batching_is_unsupported(monkeypatch,
     """A network vmap cannot batch runs looping; out of memory and other real errors stop the run."""
     def batched(*_args):
         raise failure
-    monkeypatch.setattr(smoothgrad, "_batched", batched)
+    monkeypatch.setattr(gradient_engine, "_batched", batched)
     window = SlidingWindow([tiny_unet()], (8, 8, 8))
     data, masks = small_case()
     engine = GradientEngine("auto")

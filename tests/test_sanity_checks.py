@@ -8,9 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from nnxai.cli import main
-from nnxai.explain.cohort import ExplainSettings, explain_cohort
+from nnxai.explain.cohort import explain_cohort
+from nnxai.explain.settings import ExplainSettings
 from nnxai.nnunet.model import load_model
-from nnxai.sanity.common import SanityError, explain_smoothgrad, load_run, select_instances
+from nnxai.sanity.common import SanityError, load_run, recompute_maps, select_instances
 from nnxai.sanity.faithfulness import DELETION, deletion_areas, deletion_check, stored_maps
 from nnxai.sanity.gradcheck import gradcheck_verdict, gradient_check
 from nnxai.sanity.randomization import CASCADING, REFERENCE, randomization_check, randomization_verdicts
@@ -38,7 +39,7 @@ def test_stored_maps_come_back_to_network_space(run):
     """Maps read from OUT (input grid: transposed, resampled) match the maps recomputed on the network grid."""
     case_input = run.case_input("case_0")
     masks = {i: case_input.mask(i) for i in (1, 2)}
-    recomputed = explain_smoothgrad(run.window(), case_input.data, masks, run.settings, "case_0")
+    recomputed = recompute_maps("smoothgrad", run.window(), case_input.data, masks, run.settings, "case_0")
     for instance_id in masks:
         stored = stored_maps(run, case_input, "smoothgrad", instance_id)
         assert stored.shape == recomputed[instance_id].shape

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnxai.attribution.smoothgrad import (GradientEngine, Sampling, instance_smoothgrad, noise_generator, noise_sigma,
-                                          smoothgrad_maps)
+from nnxai.attribution.engine import GradientEngine
+from nnxai.attribution.smoothgrad import Sampling, instance_smoothgrad, noise_generator, noise_sigma, smoothgrad_maps
 from nnxai.nnunet.sliding_window import SlidingWindow
 from tests.conftest import tiny_unet
 from tests.graph_memory import peak_graph_bytes

@@ -6,7 +6,8 @@ import torch
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from nnxai.explain.cohort import ExplainSettings, explain_cohort
+from nnxai.explain.cohort import explain_cohort
+from nnxai.explain.settings import ExplainSettings
 from nnxai.explain.uncertainty import binary_entropy, instance_uncertainty
 from nnxai.nnunet.model import load_model
 from tests.fake_model import write_case, write_model_folder

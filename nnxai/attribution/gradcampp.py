@@ -24,8 +24,9 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from nnxai.attribution.smoothgrad import GradientEngine, bounding_region, local_slices
+from nnxai.attribution.base import Attribution, SaliencyMap
+from nnxai.attribution.engine import GradientEngine, bounding_region, local_slices
 from nnxai.errors import InputError
 from nnxai.nnunet.sliding_window import Slices, SlidingWindow, TileLayout
 
@@ -197,6 +199,29 @@ def _layer_grid(window: SlidingWindow, layout: TileLayout, stride: tuple[int, ..
         normalizer[place] += gaussian
     unpadded = tuple(slice(u.start // s, -(-u.stop // s)) for u, s in zip(layout.unpad, stride))
     return _LayerGrid(shape, unpadded, places, [gaussian / normalizer[place] for place in places])
+
+
+@dataclass(frozen=True)
+class GradCAMPlusPlus(Attribution):
+    """Instance-level Grad-CAM++ at `layer` (None: the last decoder stage), one map for all input channels; see
+    `instance_gradcampp`."""
+
+    name: ClassVar[str] = "gradcampp"
+    per_channel: ClassVar[bool] = False
+    sampled: ClassVar[bool] = False
+
+    layer: str | None = None
+    variant: str = "monai"
+    normalize: bool = False
+    lesion_channel: int = 1
+
+    def attribute(self, window: SlidingWindow, data: torch.Tensor, masks: Mapping[int, np.ndarray],
+                  engine: GradientEngine | None = None, progress: bool = False
+                  ) -> Iterator[tuple[int, SaliencyMap]]:
+        cams = instance_gradcampp(window, data, masks, self.layer, self.variant, self.normalize, self.lesion_channel,
+                                  engine, progress)
+        for instance_id in list(cams):  # each map leaves this dict as it is handed on
+            yield instance_id, SaliencyMap.whole(cams.pop(instance_id)[None])
 
 
 def instance_gradcampp(

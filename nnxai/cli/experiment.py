@@ -17,7 +17,7 @@ from nnxai.cli import LazyGroup
 from nnxai.cli.explain import resolve_device
 from nnxai.cli.options import trust_model_option
 from nnxai.experiments.common import ExperimentOutcome, case_files, experiment_folder, load_run_model, read_explain_run
-from nnxai.explain.cohort import ExplainSettings
+from nnxai.explain.settings import ExplainSettings
 from nnxai.lesions.instances import CONNECTIVITIES, GROUPS, MATCHING_RULES, UNKNOWN_GROUP
 from nnxai.nnunet.model import LoadedModel
 

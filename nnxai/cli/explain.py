@@ -7,12 +7,13 @@ from pathlib import Path
 import click
 import torch
 
+from nnxai.attribution.engine import AMP_DTYPES, BACKWARD_MODES
 from nnxai.attribution.gradcampp import VARIANTS
-from nnxai.attribution.smoothgrad import AGGREGATIONS, AMP_DTYPES, BACKWARD_MODES
+from nnxai.attribution.smoothgrad import AGGREGATIONS
 from nnxai.cli.options import trust_model_option
 from nnxai.errors import InputError
-from nnxai.explain.cohort import (DEFAULT_MAX_MAPS, METHODS, ComputeOptions, ExplainSettings, explain_cohort,
-                                  prepare_output_folder)
+from nnxai.explain.cohort import explain_cohort, prepare_output_folder
+from nnxai.explain.settings import DEFAULT_MAX_MAPS, METHODS, ComputeOptions, ExplainSettings
 from nnxai.lesions.instances import CONNECTIVITIES, MATCHING_RULES
 from nnxai.nnunet.model import load_model, model_folder
 

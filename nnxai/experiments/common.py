@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from nnxai.errors import InputError
 from nnxai.explain.cases import CaseError, find_cases
-from nnxai.explain.cohort import ExplainSettings, nnunet_prediction
+from nnxai.explain.cohort import nnunet_prediction
 from nnxai.explain.output import RUN_RECORD, AnalysisInputError, ExplainOutput, load_explain_output
+from nnxai.explain.settings import ExplainSettings
 from nnxai.files import write_atomically
 from nnxai.lesions.instances import label_components, match_components
 from nnxai.nnunet.geometry import preprocess_array, probabilities_in_original_space, to_network_space, to_original_space

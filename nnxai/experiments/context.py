@@ -39,7 +39,7 @@ from tqdm import tqdm
 from nnxai.experiments.common import (EXPERIMENTS_FOLDER, ExperimentError, ExperimentOutcome, LocalPrediction,
                                       Prediction, matching_components, predict, predict_near, run_cases)
 from nnxai.explain.cases import check_channels, read_ground_truth
-from nnxai.explain.cohort import ExplainSettings
+from nnxai.explain.settings import ExplainSettings
 from nnxai.files import write_atomically
 from nnxai.lesions.instances import GROUPS, UNKNOWN_GROUP, case_instances, label_components
 from nnxai.nnunet.geometry import read_images, to_network_space, voxel_volume_mm3

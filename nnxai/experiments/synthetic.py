@@ -44,12 +44,13 @@ from scipy import ndimage
 from sklearn.cluster import KMeans
 from tqdm import tqdm
 
-from nnxai.attribution.smoothgrad import GradientEngine
+from nnxai.attribution.engine import GradientEngine
 from nnxai.experiments.common import (ExperimentError, ExperimentOutcome, experiment_folder, matching_components,
                                       predict, run_cases)
 from nnxai.explain.cases import CaseError, check_channels, read_ground_truth
-from nnxai.explain.cohort import ExplainSettings, LesionInstance, instance_maps, instance_network_masks, instance_row
+from nnxai.explain.cohort import LesionInstance, instance_maps, instance_network_masks, instance_row
 from nnxai.explain.cohort import table_columns as instance_table_columns
+from nnxai.explain.settings import ExplainSettings
 from nnxai.lesions.instances import label_components
 from nnxai.lesions.synthesis import apply_lesion_contrast, lesion_blob
 from nnxai.nnunet.channels import channel_index

@@ -20,11 +20,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from nnxai.attribution.gradcampp import VARIANTS, LayerError, check_layer, default_layer, instance_gradcampp
-from nnxai.attribution.smoothgrad import (AGGREGATIONS, AMP_DTYPES, GradientEngine, GradientError, Sampling,
-                                          noise_generator, smoothgrad_maps)
+from nnxai.attribution.base import Attribution
+from nnxai.attribution.engine import AMP_DTYPES, GradientEngine, GradientError
+from nnxai.attribution.gradcampp import VARIANTS, LayerError, check_layer, default_layer
+from nnxai.attribution.smoothgrad import AGGREGATIONS
 from nnxai.explain.cases import CaseError, check_channels, find_cases, read_ground_truth, shard
 from nnxai.explain.output import CASE_TABLE, RUN_RECORD
+from nnxai.explain.settings import ATTRIBUTIONS, METHODS, ComputeOptions, ExplainSettings
 from nnxai.explain.uncertainty import UNCERTAINTY_COLUMNS, fold_probabilities, instance_uncertainty
 from nnxai.files import write_atomically
 from nnxai.lesions.instances import LesionInstance, case_instances
@@ -33,65 +35,6 @@ from nnxai.nnunet.geometry import (preprocess_array, probabilities_in_original_s
                                    to_original_space, voxel_volume_mm3, world_coordinates, write_volume)
 from nnxai.nnunet.model import LoadedModel
 from nnxai.nnunet.sliding_window import SlidingWindow
-
-METHODS = ("smoothgrad", "gradcampp")
-DEFAULT_MAX_MAPS = 8  # SmoothGrad maps held at once; see smoothgrad_maps
-
-
-@dataclass(frozen=True)
-class ExplainSettings:
-    """Everything that determines the maps of a run (recorded in run.json)."""
-
-    methods: tuple[str, ...] = ("smoothgrad",)
-    samples: int | str = 50  # or "auto": until each map converged (tol, max_samples)
-    noise: float = 0.05
-    noise_channel: int | None = None  # its range sets the noise sigma; None: FLAIR by name (resolved before the record)
-    aggregation: str = "mean"
-    tol: float = 0.05
-    max_samples: int = 200
-    antithetic: bool | None = None  # noise in +/- pairs; None: with --samples auto only (resolved before the record)
-    layer: str | None = None  # Grad-CAM++ layer; None: the last decoder stage (resolved before the run record)
-    gradcampp_variant: str = "monai"
-    normalize: bool = False
-    amp: str | None = None
-    threshold: float = 0.5
-    min_size: int = 1
-    connectivity: int = 18
-    rule: str = "any"
-    iou_threshold: float = 0.25
-    seed: int = 0
-    step_size: float = 0.5
-    use_mirroring: bool = True
-    lesion_label: int = 1
-
-    @property
-    def method(self) -> str:
-        """The first method (runs with one method)."""
-        return self.methods[0]
-
-    @property
-    def noise_range_channel(self) -> int:
-        """The channel whose range sets the noise sigma (runs recorded before it was found by name used channel 0)."""
-        return 0 if self.noise_channel is None else self.noise_channel
-
-    def sampling(self) -> Sampling:
-        auto = self.samples == "auto"
-        return Sampling(None if auto else int(self.samples), self.tol, self.max_samples,
-                        antithetic=auto if self.antithetic is None else self.antithetic)
-
-
-@dataclass(frozen=True)
-class ComputeOptions:
-    """How gradients are computed (see GradientEngine): the maps do not depend on it beyond float rounding, so a
-    run may resume with other values."""
-
-    backward: str = "auto"
-    max_batch: int = 16
-    memory_budget_mb: float | None = None
-    max_maps: int | None = DEFAULT_MAX_MAPS
-
-    def engine(self, amp: str | None) -> GradientEngine:
-        return GradientEngine(self.backward, self.max_batch, amp, self.memory_budget_mb, self.max_maps)
 
 
 @dataclass
@@ -147,38 +90,47 @@ def instance_row(case: str, instance: LesionInstance, probability: np.ndarray, p
             **instance_uncertainty(instance.mask, probability, per_fold)}
 
 
+SIGNED_STATISTICS = ("peak_pos", "peak_neg", "mean")  # per channel, of maps that may be negative
+POSITIVE_STATISTICS = ("peak", "mean")  # of one map for all channels (Grad-CAM++ is non-negative)
+
+
 def _statistics(values: np.ndarray, columns: dict[str, str]) -> dict[str, float]:
     """Statistics of `values` (peak_pos or peak: max, peak_neg: min, mean) under the given names; NaN if empty."""
     functions = {"peak_pos": np.max, "peak": np.max, "peak_neg": np.min, "mean": np.mean}
     return {column: np.nan if values.size == 0 else float(functions[stat](values)) for stat, column in columns.items()}
 
 
+def _statistic_columns(method: Attribution | type[Attribution], channel_names: list[str]) -> dict[int, dict[str, str]]:
+    """Per map channel, its statistics and their column names in instances.csv."""
+    if method.per_channel:
+        return {channel: {stat: f"{method.name}_{name}_{stat}" for stat in SIGNED_STATISTICS}
+                for channel, name in enumerate(channel_names)}
+    return {0: {stat: f"{method.name}_{stat}" for stat in POSITIVE_STATISTICS}}
+
+
+def method_columns(method: type[Attribution], channel_names: list[str]) -> list[str]:
+    """The columns of instances.csv that a method fills, in order."""
+    columns = [column for names in _statistic_columns(method, channel_names).values() for column in names.values()]
+    return columns + ([f"{method.name}_samples", f"{method.name}_rel_std_error"] if method.sampled else [])
+
+
 def instance_maps(window: SlidingWindow, data: torch.Tensor, network_masks: dict[int, np.ndarray],
                   channel_names: list[str], settings: ExplainSettings, stream: str, engine: GradientEngine,
-                  progress: bool = False) -> Iterator[tuple[str, int, np.ndarray, dict[str, float]]]:
+                  progress: bool = False) -> Iterator[tuple[Attribution, int, np.ndarray, dict[str, float]]]:
     """The run's maps, instance by instance, as (method, instance id, network-space map (channels, *spatial),
-    its columns of instances.csv): SmoothGrad `engine.max_maps` instances at a time, so the caller can write
-    and drop each map, then Grad-CAM++. Statistics are taken in network space, where every case shares one
-    spacing; `stream` names the noise stream (the case)."""
-    if "smoothgrad" in settings.methods:
-        for instance_id, result in smoothgrad_maps(window, data, network_masks, settings.sampling(),
-                                                   settings.noise, noise_generator(settings.seed, stream),
-                                                   settings.lesion_label, settings.aggregation, engine, progress,
-                                                   settings.noise_range_channel):
+    its columns of instances.csv), method after method; each method yields a map as soon as it is done, so the
+    caller can write and drop it. Statistics are taken in network space, where every case shares one spacing;
+    `stream` names the noise stream (the case)."""
+    for method in settings.attributions(stream):
+        for instance_id, result in method.attribute(window, data, network_masks, engine, progress):
             full, mask = result.map, network_masks[instance_id]
             columns = {}
-            for channel, name in enumerate(channel_names):
-                columns.update(_statistics(full[channel][mask], {
-                    stat: f"smoothgrad_{name}_{stat}" for stat in ("peak_pos", "peak_neg", "mean")}))
-            columns.update(smoothgrad_samples=result.samples, smoothgrad_rel_std_error=result.relative_standard_error)
-            yield "smoothgrad", instance_id, full, columns
-    if "gradcampp" in settings.methods:
-        cams = instance_gradcampp(window, data, network_masks, settings.layer, settings.gradcampp_variant,
-                                  settings.normalize, settings.lesion_label, engine, progress)
-        for instance_id in list(cams):
-            cam = cams.pop(instance_id)
-            yield "gradcampp", instance_id, cam[None], _statistics(cam[network_masks[instance_id]],
-                                                                   {"peak": "gradcampp_peak", "mean": "gradcampp_mean"})
+            for channel, names in _statistic_columns(method, channel_names).items():
+                columns.update(_statistics(full[channel][mask], names))
+            if method.sampled:
+                columns.update({f"{method.name}_samples": result.samples,
+                                f"{method.name}_rel_std_error": result.relative_standard_error})
+            yield method, instance_id, full, columns
 
 
 def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path, settings: ExplainSettings,
@@ -211,10 +163,10 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
                 for instance in instances}
         for method, instance_id, network_map, columns in instance_maps(
                 window, tensor, network_masks, model.channel_names, settings, case, engine, progress):
-            names = [f"{instance_id:03d}_{name}" for name in model.channel_names] if method == "smoothgrad" \
+            names = [f"{instance_id:03d}_{name}" for name in model.channel_names] if method.per_channel \
                 else [f"{instance_id:03d}"]
             for volume, name in zip(to_original_space(model, network_map, properties), names):
-                write_volume(volume, staging / method / f"{name}.nii.gz", properties)
+                write_volume(volume, staging / method.name / f"{name}.nii.gz", properties)
             rows[instance_id].update(columns)
     except Exception:  # a failed case leaves nothing; a killed run leaves the partial folder for merge to report
         shutil.rmtree(staging, ignore_errors=True)
@@ -230,11 +182,9 @@ def table_columns(channel_names: list[str], methods: str | Sequence[str]) -> lis
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     columns = ["case", "instance_id", "group", "voxels", "volume_mm3", "centroid_x", "centroid_y", "centroid_z",
                "mean_probability", "network_voxels", *UNCERTAINTY_COLUMNS]
-    if "smoothgrad" in methods:
-        columns += [f"smoothgrad_{name}_{stat}" for name in channel_names for stat in ("peak_pos", "peak_neg", "mean")]
-        columns += ["smoothgrad_samples", "smoothgrad_rel_std_error"]
-    if "gradcampp" in methods:
-        columns += ["gradcampp_peak", "gradcampp_mean"]
+    for method in ATTRIBUTIONS.values():
+        if method.name in methods:
+            columns += method_columns(method, channel_names)
     return columns
 
 

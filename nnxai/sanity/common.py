@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +17,12 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from nnxai.attribution.gradcampp import instance_gradcampp
-from nnxai.attribution.smoothgrad import GradientEngine, noise_generator, smoothgrad_maps
+from nnxai.attribution.engine import GradientEngine
 from nnxai.errors import InputError
 from nnxai.experiments.common import ExperimentError, load_run_model, recorded_run
 from nnxai.explain.cases import find_cases
-from nnxai.explain.cohort import ExplainSettings
 from nnxai.explain.output import GROUP_ORDER, AnalysisInputError, load_explain_output
+from nnxai.explain.settings import METHODS, ExplainSettings
 from nnxai.files import write_atomically
 from nnxai.nnunet.geometry import preprocess, to_network_space
 from nnxai.nnunet.model import LoadedModel
@@ -36,42 +35,20 @@ class SanityError(InputError):
     """Bad input to a sanity check; the message names the file or option and the problem in one line."""
 
 
-MapFunction = Callable[[SlidingWindow, torch.Tensor, dict[int, np.ndarray], ExplainSettings, str],
-                       dict[int, np.ndarray]]
-
-
-def explain_smoothgrad(window: SlidingWindow, data: torch.Tensor, masks: dict[int, np.ndarray],
-                    settings: ExplainSettings, case: str) -> dict[int, np.ndarray]:
-    """SmoothGrad maps exactly as `nnxai explain` makes them (same sampling, noise, noise stream and aggregation)."""
-    results = dict(smoothgrad_maps(window, data, masks, settings.sampling(), settings.noise,
-                                   noise_generator(settings.seed, case), settings.lesion_label, settings.aggregation,
-                                   GradientEngine(amp=settings.amp), noise_channel=settings.noise_range_channel))
-    return {instance_id: result.map for instance_id, result in results.items()}
-
-
-def explain_gradcampp(window: SlidingWindow, data: torch.Tensor, masks: dict[int, np.ndarray],
+def recompute_maps(method: str, window: SlidingWindow, data: torch.Tensor, masks: dict[int, np.ndarray],
                    settings: ExplainSettings, case: str) -> dict[int, np.ndarray]:
-    """Grad-CAM++ maps as `nnxai explain` makes them (same layer and variant), each as a (1, *spatial) map."""
-    maps = instance_gradcampp(window, data, masks, settings.layer, settings.gradcampp_variant, settings.normalize,
-                              settings.lesion_label, GradientEngine(amp=settings.amp))
-    return {instance_id: cam[None] for instance_id, cam in maps.items()}
-
-
-def map_methods() -> dict[str, MapFunction]:
-    """Explanation methods the checks can recompute, by the names `nnxai explain --method` uses.
-
-    A method's function returns, per instance, (C, *spatial) maps (one per input channel) or a (1, *spatial)
-    map for all channels.
-    """
-    return {"smoothgrad": explain_smoothgrad, "gradcampp": explain_gradcampp}
+    """One method's maps exactly as `nnxai explain` made them for `case` (same settings and noise stream), per
+    instance as (C, *spatial): one map per input channel, or one for all channels."""
+    attribution = settings.attribution(method, case)
+    return {instance_id: result.map
+            for instance_id, result in attribution.attribute(window, data, masks, GradientEngine(amp=settings.amp))}
 
 
 def check_methods(methods: Sequence[str]) -> None:
     """Refuse a method no check can recompute."""
-    known = map_methods()
     for method in methods:
-        if method not in known:
-            raise SanityError(f"unknown method {method!r}; choose from {', '.join(known)}")
+        if method not in METHODS:
+            raise SanityError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
 @dataclass

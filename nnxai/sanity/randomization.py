@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nnxai.nnunet.sliding_window import Slices
-from nnxai.sanity.common import CaseInput, ExplainRun, SanityError, instance_box, map_methods, write_outputs
+from nnxai.sanity.common import CaseInput, ExplainRun, SanityError, instance_box, recompute_maps, write_outputs
 
 CASCADING, INDEPENDENT, REFERENCE = "cascading", "independent", "reference"
 STATISTICS = ("spearman_abs", "spearman_signed", "ssim_abs", "ssim_signed")
@@ -200,7 +200,7 @@ def _maps(run: ExplainRun, method: str, case_input: CaseInput, masks: dict[int, 
           randomized: Sequence[str], seed: int) -> dict[int, np.ndarray]:
     """The method's maps of the case's instances with the blocks `randomized` re-initialized from `seed`."""
     networks = [randomized_copy(n, randomized, seed) for n in run.model.networks] if randomized else None
-    maps = map_methods()[method](run.window(device, networks), case_input.data, masks, run.settings, case_input.case)
+    maps = recompute_maps(method, run.window(device, networks), case_input.data, masks, run.settings, case_input.case)
     bar.update()
     return maps
 
