@@ -133,7 +133,8 @@ class Demo:
         write_atomically(self.out / SUMMARY_FILE, "\n".join(outcomes) + "\n")
         click.echo("Summary:\n  " + "\n  ".join(outcomes))
 
-    def nnunet(self, program: str, *args: str, **environment: str) -> None:
+    @staticmethod
+    def nnunet(program: str, *args: str, **environment: str) -> None:
         """Run one of nnU-Net's own commands from this environment, its output shown as it comes."""
         executable = Path(sys.executable).with_name(program)
         # two worker processes at most: nnU-Net otherwise starts one per core and more for augmentation

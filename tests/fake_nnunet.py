@@ -50,13 +50,12 @@ def write_fake_raw_dataset(dataset_id: int, name: str = "Fake", n_cases: int = 4
     return folder_name
 
 
-def plan_fake_dataset(dataset_id: int, n_cases: int = 2, shape: tuple[int, int, int] = (40, 48, 40)) -> Path:
-    """Raw dataset plus nnU-Net's own experiment planner on a hand-written fingerprint; returns nnUNetPlans.json.
+def write_fake_fingerprint(dataset_id: int, n_cases: int = 2, shape: tuple[int, int, int] = (40, 48, 40)) -> Path:
+    """Raw dataset plus a hand-written `dataset_fingerprint.json`; returns the dataset's preprocessed folder.
 
-    Skips nnU-Net's fingerprint extraction (a spawned worker pool: tens of seconds on a busy 2-core machine).
+    nnU-Net's planners then skip fingerprint extraction (a spawned worker pool: tens of seconds on a busy
+    2-core machine).
     """
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
-
     folder_name = write_fake_raw_dataset(dataset_id, n_cases=n_cases, shape=shape)
     intensities = {"max": 200.0, "mean": 150.0, "median": 150.0, "min": 50.0, "percentile_00_5": 60.0,
                    "percentile_99_5": 190.0, "std": 30.0}
@@ -66,5 +65,13 @@ def plan_fake_dataset(dataset_id: int, n_cases: int = 2, shape: tuple[int, int, 
     preprocessed = Path(os.environ["nnUNet_preprocessed"], folder_name)
     preprocessed.mkdir(parents=True, exist_ok=True)
     (preprocessed / "dataset_fingerprint.json").write_text(json.dumps(fingerprint))
+    return preprocessed
+
+
+def plan_fake_dataset(dataset_id: int, n_cases: int = 2, shape: tuple[int, int, int] = (40, 48, 40)) -> Path:
+    """Fake dataset and fingerprint, then nnU-Net's own experiment planner; returns nnUNetPlans.json."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+
+    preprocessed = write_fake_fingerprint(dataset_id, n_cases, shape)
     plan_experiment_dataset(dataset_id)
     return preprocessed / "nnUNetPlans.json"
