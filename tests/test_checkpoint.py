@@ -262,11 +262,17 @@ def test_truncated_checkpoint(tmp_path, trained):
 
 
 def test_refusal_is_a_one_line_cli_error(tmp_path):
-    """In a click command a refusal prints `Error: <message>` on one line and exits 1."""
+    """In a command of nnxai's command line a refusal prints `Error: <message>` on one line and exits 1."""
     import click
     from click.testing import CliRunner
 
-    @click.command()
+    from nnxai.cli import LazyGroup
+
+    @click.group(cls=LazyGroup)
+    def cli() -> None:
+        """nnxai's command group, with one command that reads a checkpoint."""
+
+    @cli.command()
     @click.argument("checkpoint")
     @click.option("--trust-checkpoint", is_flag=True)
     def show(checkpoint: str, trust_checkpoint: bool) -> None:
@@ -275,9 +281,9 @@ def test_refusal_is_a_one_line_cli_error(tmp_path):
     marker = tmp_path / "payload_ran"
     path = tmp_path / "checkpoint_final.pth"
     torch.save(minimal_checkpoint(logging=payloads(marker)["builtins.exec"]), path)
-    refused = CliRunner().invoke(show, [str(path)])
+    refused = CliRunner().invoke(cli, ["show", str(path)])
     assert refused.exit_code == 1
     assert refused.output.startswith(f"Error: {path}: refusing to unpickle builtins.exec")
     assert refused.output.count("\n") == 1 and not marker.exists()
-    trusted = CliRunner().invoke(show, [str(path), "--trust-checkpoint"])
+    trusted = CliRunner().invoke(cli, ["show", str(path), "--trust-checkpoint"])
     assert (trusted.exit_code, trusted.output, marker.exists()) == (0, "nnUNetTrainer\n", True)
