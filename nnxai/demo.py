@@ -79,6 +79,7 @@ class Demo:
         self.dataset = self.folders["nnUNet_raw"] / f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
         self.predictions = self.out / "predictions"
         self.explained = self.out / "explain"
+        self.fpfilter_model = self.out / "fpfilter" / "filter.joblib"
         self.markers = self.out / ".stages"
 
     @property
@@ -95,7 +96,7 @@ class Demo:
                 ("sanity: randomization", self.command("sanity", "randomize", out, *self.settings.randomization)),
                 ("sanity: deletion", self.command("sanity", "deletion", out, *self.settings.deletion)),
                 ("false-positive filter", self.fpfilter),
-                ("report", self.command("report", out))]
+                ("report", self.report)]
 
     @staticmethod
     def command(*args: str) -> Callable[[], None]:
@@ -197,7 +198,7 @@ class Demo:
 
     def fpfilter(self) -> None:
         """Train the saliency-based FP filter (grouped CV) and apply it to the explained cases."""
-        model_file = self.out / "fpfilter" / "filter.joblib"
+        model_file = self.fpfilter_model
         model_file.parent.mkdir(exist_ok=True)
         try:
             self.command("fpfilter", "train", str(self.explained), "-o", str(model_file), "--folds", "2")()
@@ -206,6 +207,12 @@ class Demo:
         # the demo filters the cases it trained on: cross-fitting keeps that before/after out of sample
         self.command("fpfilter", "apply", str(model_file), str(self.explained), "-o",
                      str(self.out / "fpfilter" / "filtered"), "--cross-fitted", "--overwrite")()
+
+    def report(self) -> None:
+        """The report of the explained cases, with the FP filter's AUC with and without uncertainty when the filter
+        stage trained one."""
+        trained = ("--fpfilter", str(self.fpfilter_model)) if self.fpfilter_model.is_file() else ()
+        self.command("report", str(self.explained), *trained)()
 
     def explain(self) -> None:
         from nnxai.explain.cohort import explain_cohort

@@ -2,7 +2,10 @@
 import pytest
 
 from nnxai.demo import Demo, DemoSettings
+from nnxai.analysis.fpfilter import train_filter
 from nnxai.nnunet.environment import NNUNET_FOLDERS
+from tests.fake_explain_output import fake_cohort
+from tests.test_fpfilter import synthetic_features
 
 
 @pytest.fixture
@@ -24,3 +27,21 @@ def test_a_refused_fp_filter_is_summarized_as_skipped_with_its_reason(demo, caps
     assert summary[1] in capsys.readouterr().out
     demo.run()  # a re-run keeps the reason of the stage skipped earlier
     assert (demo.out / "demo_summary.txt").read_text().splitlines() == summary
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_report_stage_shows_the_fp_filters_auc_when_the_filter_stage_trained_one(demo, trained):
+    out = fake_cohort(demo.explained, n_cases=1)
+    if trained:
+        features = synthetic_features(n_patients=4).rename(columns={"signal": "mean_entropy"})
+        fp_filter = train_filter(features, n_folds=2, trained_on=[str(out)]).model
+        demo.fpfilter_model.parent.mkdir()
+        fp_filter.save(demo.fpfilter_model)
+    demo.report()
+    page = (out / "report" / "report.html").read_text()
+    if trained:
+        cv = fp_filter.cross_validation
+        assert (f"pooled out-of-fold AUC {cv['pooled_auc']:.3f} with the uncertainty features (mean_entropy), "
+                f"{cv['pooled_auc_without_uncertainty']:.3f} without.") in page
+    else:
+        assert "Not run: no filter given" in page

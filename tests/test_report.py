@@ -15,11 +15,14 @@ from nnxai.analysis.report import build_sections, gallery_examples, write_report
 from nnxai.analysis.rings import ring_table, write_rings
 from nnxai.analysis.statistics import group_statistics, write_statistics
 from nnxai.cli import main
+from nnxai.analysis.fpfilter import train_filter
 from nnxai.explain.output import load_explain_output
 from nnxai.sanity.randomization import VERDICT_COLUMNS
 from tests.fake_explain_output import fake_cohort
+from tests.test_fpfilter import synthetic_features
 
-SECTIONS = ["cohort", "peaks", "statistics", "rings", "context", "synthetic", "sanity", "gallery", "viewer"]
+SECTIONS = ["cohort", "peaks", "statistics", "rings", "context", "synthetic", "sanity", "fpfilter", "gallery",
+            "viewer"]
 
 
 def write_experiments(out: Path, seed: int = 0) -> None:
@@ -65,13 +68,16 @@ def write_experiments(out: Path, seed: int = 0) -> None:
 
 @pytest.fixture(scope="module")
 def complete(tmp_path_factory):
-    """A folder on which every analysis ran, and its report (one gallery lesion per group)."""
+    """A folder on which every analysis ran, and its report (one gallery lesion per group) with an FP filter whose
+    only informative feature is an uncertainty one."""
     out = fake_cohort(tmp_path_factory.mktemp("report") / "out", n_cases=2)
     write_experiments(out)
     output = load_explain_output(out)
     write_rings(output, ring_table(output, max_mm=6))
     write_statistics(output, group_statistics(output, min_n=2))
-    return out, write_report(output, examples=1)
+    features = synthetic_features().rename(columns={"signal": "mean_entropy"})  # FP lesions: higher entropy
+    fp_filter = train_filter(features, n_folds=5, trained_on=["train_out"]).model
+    return out, write_report(output, examples=1, fp_filter=fp_filter), fp_filter
 
 
 def section_html(page: str, key: str) -> str:
@@ -79,7 +85,7 @@ def section_html(page: str, key: str) -> str:
 
 
 def test_complete_report_has_every_section_and_figure(complete):
-    out, path = complete
+    out, path, _ = complete
     page = path.read_text()
     assert path == out / "report" / "report.html"
     assert re.findall(r'<section id="(\w+)">', page) == SECTIONS
@@ -108,6 +114,34 @@ def test_complete_report_has_every_section_and_figure(complete):
     assert "Unit of analysis: lesions (every lesion one value; lesions of one patient treated as independent)" \
         in section_html(page, "statistics")
     assert not list(out.glob(".report*"))
+
+
+def test_fpfilter_section_shows_the_auc_with_and_without_uncertainty_and_its_instances(complete):
+    _, path, fp_filter = complete
+    cv = fp_filter.cross_validation
+    with_uncertainty, without = cv["pooled_auc"], cv["pooled_auc_without_uncertainty"]
+    assert with_uncertainty > 0.95 and 0.3 < without < 0.7  # only mean_entropy tells FP from TP
+    finding = (f"False-positive filter (5-fold patient-grouped CV on {cv['tp']} TP and {cv['fp']} FP instances): "
+               f"pooled out-of-fold AUC {with_uncertainty:.3f} with the uncertainty features (mean_entropy), "
+               f"{without:.3f} without.")
+    assert cv["tp"] + cv["fp"] == 200 and cv["fp"] > 40
+    page = path.read_text()
+    assert finding in page.split("<nav>")[0]  # among the main results at the top
+    section = section_html(page, "fpfilter")
+    assert finding in section and "trained on train_out" in section
+    assert f'<td class="text">9 features (with mean_entropy)</td><td>{with_uncertainty:.4g}</td>' in section
+    assert f'<td class="text">8 features (without mean_entropy)</td><td>{without:.4g}</td>' in section
+
+
+def test_report_refuses_an_unreadable_fpfilter_in_one_line(tmp_path):
+    out = fake_cohort(tmp_path / "out", n_cases=1)
+    model = tmp_path / "filter.joblib"
+    model.write_text("not a pickle")
+    result = CliRunner().invoke(main, ["report", str(out), "--fpfilter", str(model)])
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {model}: cannot load a false-positive filter")
+    assert len(result.output.strip().splitlines()) == 1 and not (out / "report").exists()
+    sections = {s.key: s for s in build_sections(load_explain_output(out), examples=0, viewer_lesions=0)}
+    assert sections["fpfilter"].status.startswith("Not run: no filter given")
 
 
 def test_gallery_picks_the_largest_lesion_of_each_group():
@@ -166,7 +200,7 @@ window.addEventListener("load", () => {
 
 @pytest.mark.skipif(chromium() is None, reason="no chromium binary (apt-get install chromium) to render the report")
 def test_report_renders_in_headless_chromium(complete, tmp_path):
-    out, path = complete
+    out, path, _ = complete
     page = tmp_path / "checked.html"
     body, end = path.read_text().rsplit("</body>", 1)  # the page's own end: the inlined viewer holds others
     page.write_text(body + CHECK_SCRIPT + "</body>" + end)

@@ -44,7 +44,21 @@ def test_crop_keeps_its_place_in_the_world_and_its_values():
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    return fake_cohort(tmp_path_factory.mktemp("viewer") / "out", n_cases=2)
+    """A cohort with what the demo's explain output holds: FLAIR and T1 inputs, SmoothGrad and Grad-CAM++ maps."""
+    out = fake_cohort(tmp_path_factory.mktemp("viewer") / "out", n_cases=2)
+    record = json.loads((out / "run.json").read_text())
+    record["settings"]["methods"] = ["smoothgrad", "gradcampp"]
+    (out / "run.json").write_text(json.dumps(record))
+    for flair_path in (out.parent / "images").glob("*_0000.nii.gz"):
+        flair = nib.load(flair_path)  # T1: lesions dark
+        nib.save(nib.Nifti1Image(200 - flair.get_fdata(dtype=np.float32), flair.affine),
+                 flair_path.with_name(flair_path.name.replace("_0000", "_0001")))
+    for saliency_path in out.glob("*/smoothgrad/*_FLAIR.nii.gz"):
+        saliency = nib.load(saliency_path)
+        gradcampp = saliency_path.parent.parent / "gradcampp" / saliency_path.name.replace("_FLAIR", "")
+        gradcampp.parent.mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(np.clip(saliency.get_fdata(dtype=np.float32), 0, None), saliency.affine), gradcampp)
+    return out
 
 
 def test_each_lesion_gets_its_cropped_image_map_and_outline(cohort):
@@ -54,14 +68,15 @@ def test_each_lesion_gets_its_cropped_image_map_and_outline(cohort):
     assert [(lesion.row["case"], lesion.row["instance_id"]) for lesion in lesions] == [  # largest TP first
         ("case_001", 4), ("case_000", 1), ("case_000", 2)]
     first = lesions[0]
-    assert [layer["label"] for layer in first.layers] == ["FLAIR", "SmoothGrad FLAIR", "outline"]
+    assert [layer["label"] for layer in first.layers] == ["FLAIR", "T1", "SmoothGrad FLAIR", "Grad-CAM++", "outline"]
+    assert [layer["opacity"] for layer in first.layers] == [1.0, 0.0, 0.8, 0.0, 1.0]  # FLAIR, SmoothGrad, outline
     labels = nib.load(cohort / str(first.row["case"]) / "instances.nii.gz")
     mask = np.asarray(labels.dataobj) == first.row["instance_id"]
-    outline = decode(first.layers[2]["data"])
+    outline = decode(first.layers[4]["data"])
     found = np.argwhere(mask)
     assert outline.shape == tuple(found.max(0) - found.min(0) + 1 + 2 * np.ceil(2.0 / np.array([1.0, 1.0, 1.5])))
     assert outline.get_fdata().sum() < mask.sum()  # the border, not the whole lesion
-    saliency = first.layers[1]
+    saliency = first.layers[2]
     assert saliency["colormapNegative"] == "winter" and saliency["cal_min"] == pytest.approx(0.1 * saliency["cal_max"])
     assert np.allclose(first.centre_mm, (labels.affine @ [*found.mean(axis=0), 1])[:3])
     table = output.instances.set_index(["case", "instance_id"]).loc[(first.row["case"], first.row["instance_id"])]
@@ -104,14 +119,24 @@ window.viewerErrors = [];
 window.addEventListener("error", event => window.viewerErrors.push(String(event.message)));
 const consoleError = console.error;
 console.error = (...args) => { window.viewerErrors.push(args.join(" ")); consoleError(...args); };
-function litPixels() {
+function litPixels() {  // the slices' pixels by colour, the colour bar left out (it is lit without any slice)
   const nv = window.nnxaiViewer, gl = nv.gl;
+  nv.opts.isColorbar = false;
   nv.drawScene();
   const pixels = new Uint8Array(gl.drawingBufferWidth * gl.drawingBufferHeight * 4);
   gl.readPixels(0, 0, gl.drawingBufferWidth, gl.drawingBufferHeight, gl.RGBA, gl.UNSIGNED_BYTE, pixels);
-  let lit = 0;
-  for (let i = 0; i < pixels.length; i += 4) lit += (pixels[i] + pixels[i + 1] + pixels[i + 2]) > 30;
-  return lit;
+  nv.opts.isColorbar = true;
+  nv.drawScene();
+  const counts = {grey: 0, positive: 0, negative: 0, outline: 0};
+  for (let i = 0; i < pixels.length; i += 4) {
+    const [r, g, b] = [pixels[i], pixels[i + 1], pixels[i + 2]];
+    if (r + g + b <= 30) continue;
+    if (Math.abs(r - g) < 10 && Math.abs(g - b) < 10) counts.grey++;  // the input image
+    else if (g > 150 && r < 80 && b < 80) counts.outline++;  // green
+    else if (r > b + 60 && r >= g) counts.positive++;  // warm
+    else if (b > r + 40) counts.negative++;  // winter
+  }
+  return counts;
 }
 function whenLoaded(index, then) {
   const wait = () => document.body.dataset.viewerLesion === String(index) ? then() : setTimeout(wait, 50);
@@ -149,7 +174,9 @@ def test_viewer_renders_and_loads_a_clicked_lesion_in_headless_chromium(cohort, 
     assert found, "the viewer never finished loading the first two lesions"
     check = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     assert check["viewer"] == "" and check["errors"] == [] and check["requests"] == []
-    assert check["first"] > 10_000 and check["second"] > 10_000  # lit pixels of a 1100 x 420 canvas
+    for counts in (check["first"], check["second"]):  # pixels of a 1100 x 420 canvas
+        assert counts["grey"] > 50_000 and counts["outline"] > 500, counts  # the image, the lesion's outline
+        assert counts["positive"] > 2_000 and counts["negative"] > 2_000, counts  # saliency in and around it
     assert check["status"].startswith("case_000 #1 (TP)")  # the second row's lesion
     data = json.loads(re.search(r'id="nnxai-viewer-data">(.*?)</script>', path.read_text(), re.S).group(1))
     assert np.allclose(check["crosshair"], data[1]["centre"], atol=0.8)  # the crosshair starts in the lesion

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,10 @@ from nnxai.analysis.statistics import LEVELS, STATS_COLUMNS, STATS_TABLE, SYNTHE
 from nnxai.analysis.viewer import DEFAULT_MAX_LESIONS, collect_lesions, viewer_html
 from nnxai.explain.output import (PEAKS, AnalysisInputError, ExplainOutput, ordered_groups, peak_column, read_table,
                                   read_volume)
+from nnxai.explain.uncertainty import UNCERTAINTY_COLUMNS
+
+if TYPE_CHECKING:
+    from nnxai.analysis.fpfilter import FPFilter
 
 REPORT_FOLDER = "report"
 REPORT_FILE = "report.html"
@@ -393,10 +398,40 @@ def viewer_section(output: ExplainOutput, method: str, max_lesions: int) -> Sect
     return section
 
 
+def fpfilter_section(fp_filter: FPFilter | None) -> Section:
+    """The FP filter's patient-grouped cross-validation: its pooled out-of-fold AUC with and without the
+    uncertainty features, and the TP and FP instances it rests on."""
+    title = "False-positive filter"
+    if fp_filter is None:
+        return Section("fpfilter", title, status="Not run: no filter given (`nnxai report OUT --fpfilter MODEL`, "
+                                                 "MODEL made by `nnxai fpfilter train`).")
+    cv = fp_filter.cross_validation
+    uncertainty = [c for c in fp_filter.feature_columns if c in UNCERTAINTY_COLUMNS]
+    named = ", ".join(uncertainty)
+    rows = [{"features": f"{len(fp_filter.feature_columns)} features "
+                         + (f"(with {named})" if uncertainty else "(no uncertainty feature)"),
+             "pooled out-of-fold AUC": cv["pooled_auc"]}]
+    finding = (f"False-positive filter ({cv['folds']}-fold patient-grouped CV on {cv['tp']} TP and {cv['fp']} FP "
+               f"instances): pooled out-of-fold AUC {cv['pooled_auc']:.3f}")
+    if "pooled_auc_without_uncertainty" in cv:
+        rows.append({"features": f"{len(fp_filter.feature_columns) - len(uncertainty)} features (without {named})",
+                     "pooled out-of-fold AUC": cv["pooled_auc_without_uncertainty"]})
+        finding += (f" with the uncertainty features ({named}), "
+                    f"{cv['pooled_auc_without_uncertainty']:.3f} without.")
+    else:
+        finding += " (no uncertainty features in its table)."
+    folds = ", ".join("n/a" if a is None else f"{a:.3f}" for a in cv["fold_auc"])
+    text = (f'<p class="finding">{html.escape(finding)}</p>' + _table_html(pd.DataFrame(rows))
+            + _paragraph(f"{fp_filter.classifier} classifier trained on {', '.join(fp_filter.trained_on)}; AUC per "
+                         f"fold (all features) {folds}; out of fold at P(FP) > {cv['threshold']} it would remove "
+                         f"{cv['fp_removed']} of {cv['fp']} FP and {cv['tp_removed']} of {cv['tp']} TP instances."))
+    return Section("fpfilter", title, text, findings=[finding])
+
+
 def build_sections(output: ExplainOutput, examples: int = 3, method: str | None = None,
-                   viewer_lesions: int = DEFAULT_MAX_LESIONS) -> list[Section]:
+                   viewer_lesions: int = DEFAULT_MAX_LESIONS, fp_filter: FPFilter | None = None) -> list[Section]:
     """Every section; one whose input cannot be read becomes a section that says why (`viewer_lesions` 0: no
-    viewer)."""
+    viewer; `fp_filter`: a trained filter whose cross-validation to show)."""
     method = method or output.method
     builders: list[tuple[str, str, Callable[[], Section]]] = [
         ("cohort", "Cohort summary", lambda: cohort_section(output)),
@@ -406,6 +441,7 @@ def build_sections(output: ExplainOutput, examples: int = 3, method: str | None 
         ("context", "Perilesional context", lambda: context_section(output)),
         ("synthetic", "Synthetic lesions: dose-response", lambda: synthetic_section(output, method)),
         ("sanity", "Sanity checks", lambda: sanity_section(output)),
+        ("fpfilter", "False-positive filter", lambda: fpfilter_section(fp_filter)),
         ("gallery", "Example lesions", lambda: gallery_section(output, examples, method)),
         ("viewer", "Lesion viewer", lambda: viewer_section(output, method, viewer_lesions)),
     ]
@@ -473,9 +509,9 @@ def render_html(output: ExplainOutput, sections: list[Section], images: dict[str
 
 
 def write_report(output: ExplainOutput, examples: int = 3, method: str | None = None,
-                 viewer_lesions: int = DEFAULT_MAX_LESIONS) -> Path:
+                 viewer_lesions: int = DEFAULT_MAX_LESIONS, fp_filter: FPFilter | None = None) -> Path:
     """Build OUT/report/ (report.html and one PNG per figure) under a temporary name, then swap it in."""
-    sections = build_sections(output, examples, method, viewer_lesions)
+    sections = build_sections(output, examples, method, viewer_lesions, fp_filter)
     images = {stem: png_bytes(figure) for section in sections for stem, figure, _ in section.figures}
     images.update({stem: data for section in sections for stem, data, _ in section.images})
     final = output.folder / REPORT_FOLDER

@@ -53,9 +53,15 @@ def stats(out: Path, min_n: int, method: str | None, level: str) -> None:
               help="Embed the interactive 3D lesion viewer (NiiVue, WebGL2); the static slices stay either way.")
 @click.option("--viewer-lesions", type=click.IntRange(min=1), default=40, show_default=True,
               help="Most lesions the viewer embeds (each adds its cropped volumes to the page).")
-def report(out: Path, examples: int, method: str | None, viewer: bool, viewer_lesions: int) -> None:
+@click.option("--fpfilter", "fpfilter_model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A filter made by `nnxai fpfilter train` (a pickle: trusted files only): the report shows its "
+                   "cross-validated AUC with and without the uncertainty features.")
+def report(out: Path, examples: int, method: str | None, viewer: bool, viewer_lesions: int,
+           fpfilter_model: Path | None) -> None:
     """One self-contained HTML report of all analyses: OUT/report/report.html (figures also as PNG)."""
+    from nnxai.analysis.fpfilter import FPFilter
     from nnxai.analysis.report import write_report
 
-    path = write_report(load_explain_output(out), examples, method, viewer_lesions if viewer else 0)
+    fp_filter = FPFilter.load(fpfilter_model) if fpfilter_model else None
+    path = write_report(load_explain_output(out), examples, method, viewer_lesions if viewer else 0, fp_filter)
     click.echo(f"Wrote {path}")
