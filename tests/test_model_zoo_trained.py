@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from dataset_conversion.nnunet_raw import write_splits
 from nnxai.cli import main
 from nnxai.demo import Demo
+from nnxai.nnunet.environment import NNUNET_FOLDERS
 from nnxai.nnunet.model import ModelError, load_model, model_folder
 from nnxai.nnunet.model_safety import find_trainer
 from nnxai.nnunet.plans import write_small_plans
@@ -59,7 +60,7 @@ def zoo(tmp_path_factory):
     """nnU-Net folders, the user's trainer folder as nnUNet_extTrainer, a trained model and its explain run."""
     root = tmp_path_factory.mktemp("zoo")
     with pytest.MonkeyPatch.context() as environment:
-        for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        for name in NNUNET_FOLDERS:
             environment.setenv(name, str(root / name))
         environment.setenv("nnUNet_extTrainer", str(root / "user_trainers"))
         (root / "user_trainers").mkdir()

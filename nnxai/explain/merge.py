@@ -6,13 +6,12 @@ A leftover `OUT/.<case>.partial` staging folder means a run was stopped while wr
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from nnxai.explain.cases import CaseError, find_cases
 from nnxai.explain.cohort import collect_tables, prepare_output_folder
-from nnxai.explain.output import CASE_TABLE, RUN_RECORD
+from nnxai.explain.output import CASE_TABLE, RUN_RECORD, read_run_record
 from nnxai.files import write_atomically
 
 PARTIAL_SUFFIX = ".partial"
@@ -37,19 +36,6 @@ def finished_cases(out_dir: Path) -> list[str]:
 def partial_cases(out_dir: Path) -> list[str]:
     """Cases whose `.<case>.partial` staging folder was left behind by a stopped run."""
     return sorted(p.name[1:-len(PARTIAL_SUFFIX)] for p in out_dir.glob(f".*{PARTIAL_SUFFIX}") if p.is_dir())
-
-
-def read_run_record(out_dir: Path) -> dict:
-    """OUT/run.json, refusing a folder that explain did not write."""
-    path = out_dir / RUN_RECORD
-    if not out_dir.is_dir():
-        raise CaseError(f"{out_dir}: no such output folder")
-    if not path.is_file():
-        raise CaseError(f"{path}: missing; {out_dir} is not an nnxai explain output folder")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CaseError(f"{path}: not valid JSON") from None
 
 
 def expected_cases(record: dict, images_dir: Path | None, record_path: Path) -> list[str]:

@@ -77,8 +77,8 @@ class ExplainOutput:
         return next((c for c in self.channels if c.upper() == "FLAIR"), self.channels[0])
 
 
-def load_explain_output(folder: Path) -> ExplainOutput:
-    """Read OUT/run.json and OUT/instances.csv, refusing a folder that is not an explain output."""
+def read_run_record(folder: Path) -> dict:
+    """OUT/run.json, refusing a folder that explain did not write."""
     folder = Path(folder)
     record_path = folder / RUN_RECORD
     if not folder.is_dir():
@@ -86,9 +86,16 @@ def load_explain_output(folder: Path) -> ExplainOutput:
     if not record_path.is_file():
         raise AnalysisInputError(f"{record_path}: missing; {folder} is not an nnxai explain output folder")
     try:
-        record = json.loads(record_path.read_text())
+        return json.loads(record_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AnalysisInputError(f"{record_path}: not valid JSON ({error})") from None
+
+
+def load_explain_output(folder: Path) -> ExplainOutput:
+    """Read OUT/run.json and OUT/instances.csv, refusing a folder that is not an explain output."""
+    folder = Path(folder)
+    record_path = folder / RUN_RECORD
+    record = read_run_record(folder)
     if not isinstance(record, dict) or not isinstance(record.get("channels"), list) or not record["channels"]:
         raise AnalysisInputError(f"{record_path}: no list of channels; not an nnxai run record")
     instances = read_table(folder / CASE_TABLE, INSTANCE_COLUMNS)
