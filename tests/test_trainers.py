@@ -16,7 +16,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from fake_nnunet import plan_fake_dataset
 from nnxai.nnunet.plans import write_small_plans
-from trainers.nnUNetTrainerShort import nnUNetTrainerShort, nnUNetTrainerWMLShort
+from trainers.nnUNetTrainerShort import cpu_training_threads, nnUNetTrainerShort, nnUNetTrainerWMLShort
 from trainers.nnUNetTrainerWML import nnUNetTrainerWML
 from trainers.wml_loss import NDSCFocalLoss
 
@@ -115,6 +115,22 @@ def test_short_schedules_read_the_environment(plans, monkeypatch):
     monkeypatch.setenv("NNXAI_EPOCHS", "0")
     with pytest.raises(ValueError, match="NNXAI_EPOCHS must be a positive integer, got '0'"):
         make_trainer(nnUNetTrainerWMLShort, plans)
+
+
+@pytest.mark.parametrize("cores, workers, threads", [(2, 2, 1), (16, 2, 14), (4, 12, 1)])
+def test_short_training_on_the_cpu_leaves_the_augmentation_workers_their_cores(plans, monkeypatch, cores, workers,
+                                                                              threads):
+    monkeypatch.setenv("nnUNet_n_proc_DA", str(workers))
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert cpu_training_threads() == threads
+    monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)
+        make_trainer(nnUNetTrainerWMLShort, plans).on_train_start()
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_short_schedules_learn_fast_and_full_trainers_keep_nnunets_recipe(plans):
