@@ -19,7 +19,28 @@ from pathlib import Path
 import click
 import torch
 
+from dataset_conversion.nnunet_raw import write_splits
+from dataset_conversion.phantom import make_phantom_cohort
+from nnxai.analysis.comparison import Entry, compare_entries, write_comparison
+from nnxai.analysis.fpfilter import FPFilter, apply_filter, train_filter_files
+from nnxai.analysis.report import write_report
+from nnxai.analysis.rings import ring_table, write_rings
+from nnxai.analysis.statistics import group_statistics, write_statistics
+from nnxai.errors import InputError
+from nnxai.experiments.context import ContextDesign, context_experiment, summarize_context, write_summary
+from nnxai.experiments.synthetic import SyntheticDesign, synthetic_experiment
+from nnxai.explain.cohort import explain_cohort
+from nnxai.explain.output import load_explain_output
+from nnxai.explain.reopen import reopen_run
+from nnxai.explain.settings import ComputeOptions, ExplainSettings
+from nnxai.files import write_atomically
+from nnxai.lesions.evaluation import evaluate_folders, write_evaluation
 from nnxai.nnunet.environment import use_workspace
+from nnxai.nnunet.model import load_model, model_folder
+from nnxai.nnunet.plans import write_small_plans
+from nnxai.sanity.common import InstanceSelection
+from nnxai.sanity.faithfulness import deletion_sanity, summary_lines
+from nnxai.sanity.randomization import randomization_sanity, verdict_lines
 
 DATASET_ID = 901
 DATASET_NAME = "MSPhantom"
@@ -51,22 +72,26 @@ class DemoSettings:
     explain_cases: int = 2
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
 
-    synthetic: tuple[str, ...] = ("--sizes", "30,100,300", "--flair-factors", "1.2,1.5", "--samples", "2",
-                                  "--per-volume", "3")
-    context: tuple[str, ...] = ("--min-mm3", "80", "--max-mm3", "300", "--max-mm", "12", "--step-mm", "4",
-                                "--groups", "TP")
-    randomization: tuple[str, ...] = ("--max-instances", "1", "--no-independent", "--samples", "1")
-    deletion: tuple[str, ...] = ("--max-instances", "3", "--k", "0:50:10", "--seeds", "1")
+    synthetic: SyntheticDesign = SyntheticDesign(sizes_mm3=(30.0, 100.0, 300.0), flair_factors=(1.2, 1.5),
+                                                 per_volume=3)
+    synthetic_samples: int = 2
+    context: ContextDesign = ContextDesign(min_voxels=None, max_voxels=None, min_mm3=80, max_mm3=300, max_mm=12,
+                                           step_mm=4)
+    context_bootstrap: int = 1000
+    randomization: InstanceSelection = InstanceSelection(max_instances=1)
+    randomized_layers: tuple[str, ...] = ()  # every block with weights
+    deletion: InstanceSelection = InstanceSelection(max_instances=3)
+    deletion_percents: tuple[float, ...] = (0, 10, 20, 30, 40, 50)
 
     @classmethod
     def fast(cls) -> "DemoSettings":
         return cls(cases=5, epochs=2, iterations=10, samples=2, explain_cases=1,
-                   synthetic=("--sizes", "100", "--flair-factors", "1.5", "--samples", "1"),
-                   context=("--min-mm3", "60", "--max-mm3", "600", "--max-mm", "8", "--step-mm", "4",
-                            "--groups", "TP,FN", "--bootstrap", "100"),  # a fast model may find no TP
-                   randomization=("--max-instances", "1", "--no-independent", "--samples", "1",
-                                  "--layers", "decoder.seg_layers", "--layers", "encoder.stages"),
-                   deletion=("--max-instances", "1", "--k", "0:50:25", "--seeds", "1"))
+                   synthetic=SyntheticDesign(sizes_mm3=(100.0,), flair_factors=(1.5,)), synthetic_samples=1,
+                   context=ContextDesign(groups=("TP", "FN"), min_voxels=None, max_voxels=None, min_mm3=60,
+                                         max_mm3=600, max_mm=8, step_mm=4),  # a fast model may find no TP
+                   context_bootstrap=100,
+                   randomized_layers=("decoder.seg_layers", "encoder.stages"),
+                   deletion=InstanceSelection(max_instances=1), deletion_percents=(0, 25, 50))
 
 
 class Demo:
@@ -84,34 +109,16 @@ class Demo:
 
     @property
     def stages(self) -> list[tuple[str, Callable[[], None]]]:
-        out = str(self.explained)
         return [("phantom cohort", self.make_cohort), ("plan and preprocess", self.plan),
                 ("train", self.train), ("predict", self.predict), ("evaluate", self.evaluate),
                 ("train baseline", self.train_baseline), ("compare with baseline", self.compare),
-                ("explain", self.explain),
-                ("rings", self.command("experiment", "rings", out)),
-                ("synthetic lesions", self.command("experiment", "synthetic", out, *self.settings.synthetic)),
-                ("perilesional context", self.command("experiment", "context", out, *self.settings.context)),
-                ("statistics", self.command("stats", out)),
-                ("sanity: randomization", self.command("sanity", "randomize", out, *self.settings.randomization)),
-                ("sanity: deletion", self.command("sanity", "deletion", out, *self.settings.deletion)),
-                ("false-positive filter", self.fpfilter),
-                ("report", self.report)]
-
-    @staticmethod
-    def command(*args: str) -> Callable[[], None]:
-        """A stage that runs an nnxai command exactly as a user would type it."""
-        def run() -> None:
-            from nnxai.cli import main
-
-            click.echo(f"$ nnxai {' '.join(args)}")
-            main(list(args), standalone_mode=False)
-        return run
+                ("explain", self.explain), ("rings", self.rings), ("synthetic lesions", self.synthetic),
+                ("perilesional context", self.context), ("statistics", self.statistics),
+                ("sanity: randomization", self.randomization), ("sanity: deletion", self.deletion),
+                ("false-positive filter", self.fpfilter), ("report", self.report)]
 
     def run(self) -> None:
         """Every stage not finished earlier, then the summary (also in OUT/demo_summary.txt)."""
-        from nnxai.files import write_atomically
-
         self.markers.mkdir(parents=True, exist_ok=True)
         start = time.time()
         outcomes = []
@@ -146,14 +153,10 @@ class Demo:
             raise click.ClickException(f"{program} failed with exit code {completed.returncode}")
 
     def make_cohort(self) -> None:
-        from dataset_conversion.phantom import make_phantom_cohort
-
         make_phantom_cohort(self.folders["nnUNet_raw"], self.settings.cases, self.settings.seed,
                             self.settings.spacing, DATASET_ID, DATASET_NAME, progress=True)
 
     def plan(self) -> None:
-        from nnxai.nnunet.plans import write_small_plans
-
         self.nnunet("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", "1",
                     "--verify_dataset_integrity")
         write_small_plans(DATASET_ID, PLANS, self.settings.patch_size, self.settings.features)
@@ -161,8 +164,6 @@ class Demo:
 
     def write_split(self) -> None:
         """Fold 0 validates on every fifth training case (at least one), whatever the cohort size."""
-        from dataset_conversion.nnunet_raw import write_splits
-
         cases = sorted(p.name.removesuffix(".nii.gz") for p in (self.dataset / "labelsTr").glob("*.nii.gz"))
         validation = cases[::5]
         write_splits(self.dataset.name, [{"train": [c for c in cases if c not in validation], "val": validation}])
@@ -179,8 +180,6 @@ class Demo:
                     "-device", self.settings.device, "-npp", "1", "-nps", "1", "--disable_tta")
 
     def evaluate(self) -> None:
-        from nnxai.lesions.evaluation import evaluate_folders, write_evaluation
-
         evaluation = evaluate_folders(self.dataset / "labelsTs", self.predictions / TRAINER)
         write_evaluation(evaluation, self.out / "evaluation.csv")
         click.echo(evaluation.overall.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -191,34 +190,61 @@ class Demo:
         self.predict(BASELINE_TRAINER)
 
     def compare(self) -> None:
-        self.command("compare", "--gt", str(self.dataset / "labelsTs"), "-o", str(self.out / "comparison"),
-                     f"nnUNetTrainer={self.predictions / BASELINE_TRAINER}", f"WML={self.predictions / TRAINER}",
-                     "--bootstrap", "1000")()
-        click.echo((self.out / "comparison" / "comparison.md").read_text())
+        comparison = compare_entries(self.dataset / "labelsTs",
+                                     [Entry("nnUNetTrainer", self.predictions / BASELINE_TRAINER),
+                                      Entry("WML", self.predictions / TRAINER)], n_bootstrap=1000, progress=True)
+        write_comparison(comparison, self.out / "comparison")
+        click.echo(comparison.markdown)
+
+    def rings(self) -> None:
+        output = load_explain_output(self.explained)
+        click.echo(f"Wrote {write_rings(output, ring_table(output, progress=True))}")
+
+    def synthetic(self) -> None:
+        run = reopen_run(self.explained, samples=self.settings.synthetic_samples)
+        table, _ = synthetic_experiment(run, self.settings.synthetic, device=self.settings.device)
+        click.echo(f"synthetic: {len(table)} lesion(s), {int(table['detected'].astype(bool).sum())} detected")
+
+    def context(self) -> None:
+        table, _ = context_experiment(reopen_run(self.explained), self.settings.context, self.settings.device)
+        summary = summarize_context(table, bootstrap=self.settings.context_bootstrap)
+        click.echo(f"context: {summary['n_lesions']} lesion(s), required context {summary['required_context_mm']} mm; "
+                   f"summary {write_summary(self.explained, summary)}")
+
+    def statistics(self) -> None:
+        output = load_explain_output(self.explained)
+        click.echo(f"Wrote {write_statistics(output, group_statistics(output))}")
+
+    def randomization(self) -> None:
+        verdicts, _ = randomization_sanity(reopen_run(self.explained, samples=1), self.settings.randomization,
+                                           self.settings.randomized_layers, independent=False,
+                                           device=self.settings.device, progress=True)
+        click.echo("\n".join(verdict_lines(verdicts)))
+
+    def deletion(self) -> None:
+        groups, _ = deletion_sanity(reopen_run(self.explained), self.settings.deletion, self.settings.deletion_percents,
+                                    seeds=1, device=self.settings.device, progress=True)
+        click.echo("\n".join(summary_lines(groups)))
 
     def fpfilter(self) -> None:
         """Train the saliency-based FP filter (grouped CV) and apply it to the explained cases."""
-        model_file = self.fpfilter_model
-        model_file.parent.mkdir(exist_ok=True)
+        self.fpfilter_model.parent.mkdir(exist_ok=True)
         try:
-            self.command("fpfilter", "train", str(self.explained), "-o", str(model_file), "--folds", "2")()
-        except click.ClickException as error:  # e.g. a small cohort with only TP or only FP lesions
-            raise StageSkipped(f"the filter was not trained: {error.format_message()}") from None
+            training, _ = train_filter_files([self.explained], self.fpfilter_model, n_folds=2, progress=True)
+        except InputError as error:  # e.g. a small cohort with only TP or only FP lesions
+            raise StageSkipped(f"the filter was not trained: {error}") from None
+        click.echo(f"FP filter: pooled out-of-fold AUC {training.model.cross_validation['pooled_auc']:.3f}")
         # the demo filters the cases it trained on: cross-fitting keeps that before/after out of sample
-        self.command("fpfilter", "apply", str(model_file), str(self.explained), "-o",
-                     str(self.out / "fpfilter" / "filtered"), "--cross-fitted", "--overwrite")()
+        apply_filter(training.model, self.explained, self.out / "fpfilter" / "filtered", overwrite=True,
+                     progress=True, cross_fitted=True)
 
     def report(self) -> None:
         """The report of the explained cases, with the FP filter's AUC with and without uncertainty when the filter
         stage trained one."""
-        trained = ("--fpfilter", str(self.fpfilter_model)) if self.fpfilter_model.is_file() else ()
-        self.command("report", str(self.explained), *trained)()
+        fp_filter = FPFilter.load(self.fpfilter_model) if self.fpfilter_model.is_file() else None
+        click.echo(f"Wrote {write_report(load_explain_output(self.explained), fp_filter=fp_filter)}")
 
     def explain(self) -> None:
-        from nnxai.explain.cohort import explain_cohort
-        from nnxai.explain.settings import ComputeOptions, ExplainSettings
-        from nnxai.nnunet.model import load_model, model_folder
-
         model = load_model(model_folder(str(DATASET_ID), CONFIGURATION, TRAINER, PLANS), [FOLD])
         cases = self.explain_images()
         # the study's post-processing (components of <= 5 voxels dropped) keeps a short-trained model's

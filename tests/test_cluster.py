@@ -84,7 +84,7 @@ def test_killed_shard_is_reported_and_a_rerun_does_only_what_is_missing(killed_r
     root, model, runs = killed_run
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
-    assert runs[0].explained == ["case_0", "case_3"] and runs[2].explained == ["case_2"]
+    assert runs[0].done == ["case_0", "case_3"] and runs[2].done == ["case_2"]
     assert (out / ".case_1.partial" / "prediction.nii.gz").is_file() and not (out / "case_1").exists()
 
     report = merge_outputs(out)

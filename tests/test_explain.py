@@ -43,7 +43,7 @@ def read(path):
 
 def test_outputs_have_the_input_geometry(cohort):
     root, model, result = cohort
-    assert result.explained == ["case_0", "case_1"] and not result.failed
+    assert result.done == ["case_0", "case_1"] and not result.failed
     source, _ = read(root / "images" / "case_0_0000.nii.gz")
     for name in ["prediction.nii.gz", "instances.nii.gz", "smoothgrad/001_FLAIR.nii.gz", "smoothgrad/002_T1.nii.gz"]:
         image, _ = read(root / "out" / "case_0" / name)
@@ -157,7 +157,7 @@ def test_run_record_and_resume(cohort):
     assert record["settings"]["samples"] == 2 and record["channels"] == ["FLAIR", "T1"]
     assert len(record["model"]["checkpoint_sha256"]["0"]) == 64
     again = explain_cohort(model, root / "images", root / "out", SETTINGS, root / "labels", progress=False)
-    assert again.skipped == ["case_0", "case_1"] and not again.explained
+    assert again.skipped == ["case_0", "case_1"] and not again.done
 
 
 def test_other_settings_in_same_folder_are_refused(cohort):
@@ -252,6 +252,6 @@ def test_case_without_lesions_gives_empty_table(cohort, tmp_path):
         flat.CopyInformation(image)
         sitk.WriteImage(flat, str(images / f"clean_000{channel}.nii.gz"))
     result = explain_cohort(model, images, tmp_path / "out", SETTINGS, progress=False)
-    assert result.explained == ["clean"]
+    assert result.done == ["clean"]
     assert pd.read_csv(tmp_path / "out" / "clean" / "instances.csv").empty
     assert find_cases(images, ".nii.gz", 2) == {"clean": [images / "clean_0000.nii.gz", images / "clean_0001.nii.gz"]}

@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from dataset_conversion.nnunet_raw import write_splits
 from nnxai.cli import main
 from nnxai.demo import Demo
+from nnxai.explain.reopen import reopen_run
 from nnxai.nnunet.environment import NNUNET_FOLDERS
 from nnxai.nnunet.model import ModelError, load_model, model_folder
 from nnxai.nnunet.model_safety import find_trainer
 from nnxai.nnunet.plans import write_small_plans
-from nnxai.sanity.common import load_run
 from nnxai.sanity.faithfulness import stored_maps
 from tests.fake_nnunet import write_fake_fingerprint
 from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
@@ -126,7 +126,7 @@ def test_explained_segmentation_equals_nnunet_predict(zoo):
 
 
 def test_zero_noise_single_tile_maps_equal_autograd_of_the_network(zoo):
-    run = load_run(zoo / "out")
+    run = reopen_run(zoo / "out")
     case_input = run.case_input(EXPLAINED)
     window = run.window()
     assert len(window.layout(SHAPE).tiles) == 1

@@ -9,9 +9,11 @@ from click.testing import CliRunner
 
 from nnxai.cli import main
 from nnxai.explain.cohort import explain_cohort
+from nnxai.explain.output import AnalysisInputError
+from nnxai.explain.reopen import reopen_run
 from nnxai.explain.settings import ExplainSettings
 from nnxai.nnunet.model import load_model
-from nnxai.sanity.common import SanityError, load_run, recompute_maps, select_instances
+from nnxai.sanity.common import recompute_maps, select_instances
 from nnxai.sanity.faithfulness import DELETION, deletion_areas, deletion_check, stored_maps
 from nnxai.sanity.gradcheck import gradcheck_verdict, gradient_check
 from nnxai.sanity.randomization import CASCADING, REFERENCE, randomization_check, randomization_verdicts
@@ -26,13 +28,13 @@ def explained(tmp_path_factory):
     model = load_model(write_model_folder(root / "model"))
     settings = ExplainSettings(methods=("smoothgrad", "gradcampp"), samples=2, use_mirroring=False)
     result = explain_cohort(model, root / "images", root / "out", settings, root / "labels", progress=False)
-    assert result.explained == ["case_0"]
+    assert result.done == ["case_0"]
     return root / "out"
 
 
 @pytest.fixture(scope="module")
 def run(explained):
-    return load_run(explained)
+    return reopen_run(explained)
 
 
 def test_stored_maps_come_back_to_network_space(run):
@@ -145,11 +147,11 @@ def test_changed_checkpoint_or_missing_record_is_refused(explained, tmp_path):
     record = json.loads((out / "run.json").read_text())
     record["model"]["checkpoint_sha256"]["0"] = "0" * 64
     (out / "run.json").write_text(json.dumps(record))
-    with pytest.raises(SanityError, match="run.json: the checkpoints in .* changed since the explain run"):
-        load_run(out)
+    with pytest.raises(AnalysisInputError, match="run.json: the checkpoints in .* changed since the explain run"):
+        reopen_run(out)
     (out / "run.json").unlink()
-    with pytest.raises(SanityError, match="run.json: missing; .* is not an nnxai explain output folder"):
-        load_run(out)
+    with pytest.raises(AnalysisInputError, match="run.json: missing; .* is not an nnxai explain output folder"):
+        reopen_run(out)
 
 
 def test_gradcampp_single_maps_are_checked_on_all_channels(run):

@@ -280,6 +280,23 @@ def train_filter(features: pd.DataFrame, case_to_patient: dict[str, str] | None 
     return Training(model, validation, instances)
 
 
+def train_filter_files(out_dirs: list[Path], model_path: Path, patients: Path | None = None,
+                       classifier: str = "logistic", C: float = 1.0, n_folds: int = 5, seed: int = 0,
+                       threshold: float = DEFAULT_THRESHOLD, shell_mm: int = DEFAULT_SHELL_MM,
+                       progress: bool = False) -> tuple[Training, list[Path]]:
+    """Train a filter on explain output folders and write it with its tables: the model file, and beside it
+    <name>_features.csv (every instance's features) and <name>_cv.csv (training instances, out-of-fold P(FP))."""
+    features = cohort_features(list(out_dirs), shell_mm, progress)
+    training = train_filter(features, read_patients(patients) if patients else None, classifier, C, n_folds, seed,
+                            threshold, shell_mm, [str(p) for p in out_dirs])
+    features_path = model_path.with_name(f"{model_path.stem}_features.csv")
+    cv_path = model_path.with_name(f"{model_path.stem}_cv.csv")
+    write_atomically(features_path, lambda p: features.to_csv(p, index=False))
+    write_atomically(cv_path, lambda p: training.instances.to_csv(p, index=False))
+    training.model.save(model_path)
+    return training, [model_path, features_path, cv_path]
+
+
 @dataclass
 class FilterResult:
     """Scores of all predicted instances, where the filtered masks went, and before/after metrics with GT.

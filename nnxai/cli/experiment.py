@@ -7,7 +7,6 @@ line in EXPERIMENTS.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -16,10 +15,10 @@ import torch
 from nnxai.cli import LazyGroup
 from nnxai.cli.explain import resolve_device
 from nnxai.cli.options import trust_model_option
-from nnxai.experiments.common import ExperimentOutcome, case_files, experiment_folder, load_run_model, read_explain_run
-from nnxai.explain.settings import ExplainSettings
+from nnxai.experiments.common import experiment_folder
+from nnxai.explain.reopen import ReopenedRun, reopen_run
+from nnxai.explain.resumable import CohortResult
 from nnxai.lesions.instances import CONNECTIVITIES, GROUPS, MATCHING_RULES, UNKNOWN_GROUP
-from nnxai.nnunet.model import LoadedModel
 
 EXPERIMENTS = {
     "synthetic": "nnxai.cli.experiment:synthetic",
@@ -89,32 +88,15 @@ def _samples(value: str | None) -> int | str | None:
     return int(value)
 
 
-@dataclass
-class ExperimentInputs:
-    """Everything an experiment needs, from OUT/run.json with the command line's overrides."""
-
-    model: LoadedModel
-    settings: ExplainSettings
-    cases: dict[str, list[Path]]
-    gt_dir: Path | None
-    device: str
+def open_run(out: Path, model_dir, images, gt_dir, folds, checkpoint, trust_checkpoint, disable_tta, connectivity,
+             **setting_overrides) -> ReopenedRun:
+    """Reopen OUT with the command line's overrides of run.json."""
+    return reopen_run(out, images, gt_dir, model_dir, folds, checkpoint, trust_checkpoint,
+                      use_mirroring=False if disable_tta else None,
+                      connectivity=int(connectivity) if connectivity else None, **setting_overrides)
 
 
-def load_inputs(out: Path, model_dir, images, gt_dir, folds, checkpoint, trust_checkpoint, device, disable_tta,
-                threshold, min_size, connectivity, rule, iou_threshold, cases,
-                **settings_overrides) -> ExperimentInputs:
-    """Read OUT/run.json, apply the command line's overrides and load the model."""
-    run = read_explain_run(out)
-    model = load_run_model(run, model_dir, list(folds), checkpoint, trust_checkpoint)
-    overrides = {"threshold": threshold, "min_size": min_size, "rule": rule, "iou_threshold": iou_threshold,
-                 "connectivity": int(connectivity) if connectivity else None,
-                 "use_mirroring": False if disable_tta else None, **settings_overrides}
-    settings = replace(run.settings, **{key: value for key, value in overrides.items() if value is not None})
-    return ExperimentInputs(model, settings, case_files(model, images or run.images_dir, cases),
-                            gt_dir or run.gt_dir, resolve_device(device))
-
-
-def finish(name: str, out: Path, outcome: ExperimentOutcome, what: str) -> None:
+def finish(name: str, out: Path, outcome: CohortResult, what: str) -> None:
     """Say what was done and where the table is; exit 1 when a case failed (the others are kept)."""
     click.echo(f"{name}: {what}; {len(outcome.done)} case(s) done, {len(outcome.skipped)} finished earlier, "
                f"{len(outcome.failed)} failed; table {experiment_folder(out, name)}.csv")
@@ -159,10 +141,9 @@ def synthetic(out, sizes, flair_factors, t1_factors, flair_sd, t1_sd, per_case, 
 
     design = SyntheticDesign(sizes, flair_factors, t1_factors, flair_sd, t1_sd, per_case, per_volume,
                              min_distance_mm, clearance_mm, margin_mm, seed)
-    overwrite = run.pop("overwrite")
-    inputs = load_inputs(out, samples=samples, **run)
-    table, outcome = synthetic_experiment(inputs.model, inputs.cases, out, inputs.settings, design, inputs.gt_dir,
-                                          wm_dir, save_volumes, inputs.device, overwrite)
+    device, overwrite, cases = resolve_device(run.pop("device")), run.pop("overwrite"), run.pop("cases")
+    table, outcome = synthetic_experiment(open_run(out, samples=samples, **run), design, wm_dir, save_volumes, device,
+                                          overwrite, cases=cases)
     detected = int(table["detected"].astype(bool).sum()) if len(table) else 0
     finish("synthetic", out, outcome, f"{len(table)} lesion(s), {detected} detected")
 
@@ -198,10 +179,8 @@ def context(out, groups, min_voxels, max_voxels, min_mm3, max_mm3, max_mm, step_
         min_voxels = 91 if min_voxels is None else min_voxels
         max_voxels = 119 if max_voxels is None else max_voxels
     design = ContextDesign(groups, min_voxels, max_voxels, min_mm3, max_mm3, max_mm, step_mm)
-    overwrite = run.pop("overwrite")
-    inputs = load_inputs(out, **run)
-    table, outcome = context_experiment(inputs.model, inputs.cases, out, inputs.settings, design, inputs.gt_dir,
-                                        inputs.device, overwrite)
+    device, overwrite, cases = resolve_device(run.pop("device")), run.pop("overwrite"), run.pop("cases")
+    table, outcome = context_experiment(open_run(out, **run), design, device, overwrite, cases=cases)
     summary = summarize_context(table, plateau_fraction, bootstrap, confidence, seed)
     path = write_summary(out, summary)
     if summary["required_context_mm"] is None:

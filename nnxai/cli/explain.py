@@ -158,7 +158,7 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
     compute = ComputeOptions(backward, max_batch, memory_budget, max_maps)
     result = explain_cohort(model, images, out, settings, gt_dir, num_parts, part_id, overwrite, device,
                             compute=compute)
-    click.echo(f"explained {len(result.explained)} case(s), skipped {len(result.skipped)} finished, "
+    click.echo(f"explained {len(result.done)} case(s), skipped {len(result.skipped)} finished, "
                f"failed {len(result.failed)}; tables in {out}")
     if result.failed:
         raise SystemExit(1)

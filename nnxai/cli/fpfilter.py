@@ -35,19 +35,11 @@ def fpfilter() -> None:
 def train(out_dirs: tuple[Path, ...], output: Path, patients: Path | None, classifier: str, C: float, folds: int,
           threshold: float, shell_mm: int, seed: int) -> None:
     """Train on the TP and FP instances of explain output folders OUT... (explained with --gt)."""
-    from nnxai.analysis.fpfilter import cohort_features, read_patients, train_filter
-    from nnxai.files import write_atomically
+    from nnxai.analysis.fpfilter import train_filter_files
 
-    features = cohort_features(list(out_dirs), shell_mm, progress=True)
-    case_to_patient = read_patients(patients) if patients else None
-    training = train_filter(features, case_to_patient, classifier, C, folds, seed, threshold, shell_mm,
-                            [str(p) for p in out_dirs])
+    training, paths = train_filter_files(list(out_dirs), output, patients, classifier, C, folds, seed, threshold,
+                                         shell_mm, progress=True)
     summary = training.model.cross_validation
-    features_path = output.with_name(f"{output.stem}_features.csv")
-    cv_path = output.with_name(f"{output.stem}_cv.csv")
-    write_atomically(features_path, lambda p: features.to_csv(p, index=False))
-    write_atomically(cv_path, lambda p: training.instances.to_csv(p, index=False))
-    training.model.save(output)
     fold_auc = ", ".join("n/a" if a is None else f"{a:.3f}" for a in summary["fold_auc"])
     click.echo(f"{summary['tp']} TP and {summary['fp']} FP instances from "
                f"{training.instances['patient'].nunique()} patients, {len(training.model.feature_columns)} features")
@@ -62,7 +54,7 @@ def train(out_dirs: tuple[Path, ...], output: Path, patients: Path | None, class
     if not coefficients.empty:
         click.echo(f"{len(coefficients)} non-zero coefficients (standardized features), largest first:")
         click.echo(coefficients.head(10).to_string(float_format=lambda v: f"{v:+.3f}"))
-    click.echo(f"Wrote {output}, {features_path} and {cv_path}")
+    click.echo(f"Wrote {', '.join(str(p) for p in paths)}")
 
 
 @fpfilter.command("apply")

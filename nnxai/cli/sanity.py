@@ -1,7 +1,6 @@
 """`nnxai sanity randomize | deletion | gradcheck`: checks of the maps of an `nnxai explain` output folder."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import click
@@ -9,7 +8,8 @@ import torch
 
 from nnxai.cli.explain import resolve_device
 from nnxai.cli.options import trust_model_option
-from nnxai.sanity.common import ExplainRun, check_methods, load_run, select_instances
+from nnxai.explain.reopen import ReopenedRun, reopen_run
+from nnxai.sanity.common import InstanceSelection
 
 existing_folder = click.Path(exists=True, file_okay=False, path_type=Path)
 
@@ -49,13 +49,10 @@ def selection_options(command):
     return command
 
 
-def open_run(out: Path, images: Path | None, trust_checkpoint: bool, disable_tta: bool, **overrides) -> ExplainRun:
+def open_run(out: Path, images: Path | None, trust_checkpoint: bool, disable_tta: bool, **overrides) -> ReopenedRun:
     """Reopen the explain run, with the run's settings changed as the options ask."""
-    run = load_run(out, images, trust_checkpoint)
-    if disable_tta:
-        overrides["use_mirroring"] = False
-    run.settings = dataclasses.replace(run.settings, **{k: v for k, v in overrides.items() if v is not None})
-    return run
+    return reopen_run(out, images, trust_checkpoint=trust_checkpoint, use_mirroring=False if disable_tta else None,
+                      **overrides)
 
 
 @click.group("sanity", context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,18 +76,12 @@ def sanity() -> None:
 def randomize(out, images, device, disable_tta, trust_checkpoint, cases, groups, max_instances, methods, margin_mm,
               layers, samples, no_independent, seed, threshold, statistic) -> None:
     """Model-randomization check: do the maps change when the network's weights are destroyed?"""
-    from nnxai.sanity.randomization import (randomization_check, randomization_verdicts, verdict_lines,
-                                            write_randomization)
+    from nnxai.sanity.randomization import randomization_sanity, verdict_lines
 
-    run = open_run(out, images, trust_checkpoint, disable_tta, samples=samples)
-    methods = list(methods) or list(run.settings.methods)
-    check_methods(methods)
-    selection = select_instances(run, cases, groups, max_instances)
-    table = randomization_check(run, selection, methods, layers, not no_independent, seed, margin_mm,
-                                resolve_device(device), progress=True)
-    verdicts = randomization_verdicts(table, threshold, statistic)
-    paths = write_randomization(run, table, verdicts, {"methods": methods, "seed": seed, "margin_mm": margin_mm,
-                                                        "samples": run.settings.samples, "layers": list(layers)})
+    verdicts, paths = randomization_sanity(open_run(out, images, trust_checkpoint, disable_tta, samples=samples),
+                                           InstanceSelection(cases, groups, max_instances, methods, margin_mm),
+                                           layers, not no_independent, seed, threshold, statistic,
+                                           resolve_device(device), progress=True)
     for line in verdict_lines(verdicts):
         click.echo(line)
     click.echo(f"wrote {', '.join(str(p) for p in paths)}")
@@ -110,18 +101,13 @@ def randomize(out, images, device, disable_tta, trust_checkpoint, cases, groups,
 def deletion(out, images, device, disable_tta, trust_checkpoint, cases, groups, max_instances, methods, margin_mm,
              percents, mode, seeds, seed, ranking) -> None:
     """Deletion / insertion faithfulness: does changing the most salient voxels change the prediction first?"""
-    from nnxai.sanity.faithfulness import MODES, deletion_check, parse_percentages, summary_lines, write_deletion
+    from nnxai.sanity.faithfulness import MODES, deletion_sanity, parse_percentages, summary_lines
 
     percentages = parse_percentages(percents)
-    run = open_run(out, images, trust_checkpoint, disable_tta)
-    methods = list(methods) or list(run.settings.methods)
-    check_methods(methods)
-    selection = select_instances(run, cases, groups, max_instances)
-    modes = MODES if mode == "both" else (mode,)
-    curves = deletion_check(run, selection, methods, percentages, modes, seeds, seed, margin_mm, ranking,
-                            resolve_device(device), progress=True)
-    paths, groups_table = write_deletion(run, curves, {"methods": methods, "k_percent": percentages, "seeds": seeds,
-                                                       "seed": seed, "margin_mm": margin_mm, "ranking": ranking})
+    groups_table, paths = deletion_sanity(open_run(out, images, trust_checkpoint, disable_tta),
+                                          InstanceSelection(cases, groups, max_instances, methods, margin_mm),
+                                          percentages, MODES if mode == "both" else (mode,), seeds, seed, ranking,
+                                          resolve_device(device), progress=True)
     for line in summary_lines(groups_table):
         click.echo(line)
     click.echo(f"wrote {', '.join(str(p) for p in paths)}")

@@ -1,37 +1,35 @@
-"""What the experiments share: the explain run they start from, nnU-Net's prediction, resumable per-case tables.
+"""What the experiments share: nnU-Net's prediction (whole or near a region) and resumable per-case tables.
 
-An experiment reads an `nnxai explain` output folder (OUT): `OUT/run.json` names the model, the input images,
-the ground truth and the settings (threshold, connectivity, ...), so the experiment predicts exactly what the
-explained model predicts (`predict` goes through nnU-Net's own predictor, as `nnxai explain` does, so the lesions
-an experiment finds are those of instances.csv). Its results go to `OUT/experiments/`: one table per case in
-`OUT/experiments/<name>/` (written atomically; a re-run skips finished cases) and the cohort table
-`OUT/experiments/<name>.csv`.
+An experiment starts from a reopened `nnxai explain` output folder (OUT, `explain.reopen`): `OUT/run.json` names
+the model, the input images, the ground truth and the settings (threshold, connectivity, ...), so the experiment
+predicts exactly what the explained model predicts (`predict` goes through nnU-Net's own predictor, as
+`nnxai explain` does, so the lesions an experiment finds are those of instances.csv). Its results go to
+`OUT/experiments/`: one table per case in `OUT/experiments/<name>/` (written atomically; a re-run skips finished
+cases, `explain.resumable`) and the cohort table `OUT/experiments/<name>.csv`.
 """
 from __future__ import annotations
 
 import copy
 import itertools
 import json
-import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy import ndimage
-from tqdm import tqdm
 
 from nnxai.errors import InputError
-from nnxai.explain.cases import CaseError, find_cases
 from nnxai.explain.cohort import nnunet_prediction
-from nnxai.explain.output import RUN_RECORD, AnalysisInputError, ExplainOutput, load_explain_output
+from nnxai.explain.reopen import ReopenedRun
+from nnxai.explain.resumable import CohortResult, concat_tables, run_resumable
 from nnxai.explain.settings import ExplainSettings
 from nnxai.files import write_atomically
 from nnxai.lesions.instances import label_components, match_components
 from nnxai.nnunet.geometry import preprocess_array, probabilities_in_original_space, to_network_space, to_original_space
-from nnxai.nnunet.model import LoadedModel, load_model
+from nnxai.nnunet.model import LoadedModel
 from nnxai.nnunet.sliding_window import Slices, SlidingWindow, TileLayout
 
 EXPERIMENTS_FOLDER = "experiments"
@@ -40,71 +38,6 @@ PARAMETERS_FILE = "parameters.json"
 
 class ExperimentError(InputError):
     """An experiment that cannot start (bad OUT folder, bad option); the message names the file and the cause."""
-
-
-@dataclass(frozen=True)
-class ExplainRun:
-    """What an explain output folder records: the model, its inputs and the settings of its prediction."""
-
-    out_dir: Path
-    model_dir: Path
-    folds: list[str]
-    checkpoint: str
-    images_dir: Path
-    gt_dir: Path | None
-    settings: ExplainSettings
-    checkpoint_sha256: dict[str, str]
-
-
-def read_explain_run(out_dir: Path) -> ExplainRun:
-    """The run recorded in `out_dir/run.json` by `nnxai explain`."""
-    try:
-        output = load_explain_output(out_dir)
-    except AnalysisInputError as error:
-        raise ExperimentError(str(error)) from None
-    return recorded_run(output)
-
-
-def recorded_run(output: ExplainOutput) -> ExplainRun:
-    """The run an already opened explain output folder records."""
-    record, out_dir = output.record, output.folder
-    known = {f.name for f in fields(ExplainSettings)}
-    try:
-        settings = ExplainSettings(**{k: v for k, v in record["settings"].items() if k in known})
-        model = record["model"]
-        return ExplainRun(Path(out_dir), Path(model["folder"]), [str(f) for f in model["folds"]],
-                          model["checkpoint"], Path(record["images"]),
-                          Path(record["ground_truth"]) if record.get("ground_truth") else None, settings,
-                          dict(model.get("checkpoint_sha256") or {}))
-    except (KeyError, TypeError, AttributeError) as error:
-        raise ExperimentError(f"{Path(out_dir) / RUN_RECORD}: not an nnxai explain run record ({error!r})") from None
-
-
-def load_run_model(run: ExplainRun, model_dir: Path | None = None, folds: list[str] | None = None,
-                   checkpoint: str | None = None, trust_checkpoint: bool = False) -> LoadedModel:
-    """The explained model (or another one named by the arguments); refused when its checkpoints changed since."""
-    model = load_model(model_dir or run.model_dir, folds or run.folds, checkpoint or run.checkpoint, trust_checkpoint)
-    own = model_dir is None and not folds and checkpoint is None
-    if own and run.checkpoint_sha256 and model.checkpoint_sha256 != run.checkpoint_sha256:
-        raise ExperimentError(f"{run.out_dir / RUN_RECORD}: the checkpoints in {run.model_dir} changed since the "
-                              "explain run (sha256 differs); explain again, or name the model to use with -m")
-    return model
-
-
-def case_files(model: LoadedModel, images_dir: Path, only: list[str] | None = None) -> dict[str, list[Path]]:
-    """The cases of an nnU-Net input folder (all, or the ones named in `only`), with their channel files."""
-    try:
-        cases = find_cases(images_dir, model.dataset_json["file_ending"], len(model.channel_names))
-    except CaseError as error:
-        raise ExperimentError(str(error)) from None
-    if only:
-        unknown = [case for case in only if case not in cases]
-        if unknown:
-            raise ExperimentError(f"{images_dir}: no case named {', '.join(unknown)}")
-        cases = {case: cases[case] for case in only}
-    if not cases:
-        raise ExperimentError(f"{images_dir}: no input images (CASE_0000{model.dataset_json['file_ending']})")
-    return cases
 
 
 @dataclass
@@ -214,15 +147,6 @@ def matching_components(components: np.ndarray, lesion: np.ndarray,
     return True, np.isin(components, matching.tp_pred)
 
 
-@dataclass
-class ExperimentOutcome:
-    """Cases computed now, skipped because finished earlier, and failed (case -> one-line reason)."""
-
-    done: list[str]
-    skipped: list[str]
-    failed: dict[str, str]
-
-
 def experiment_folder(out_dir: Path, name: str) -> Path:
     return Path(out_dir) / EXPERIMENTS_FOLDER / name
 
@@ -243,38 +167,18 @@ def prepare_folder(out_dir: Path, name: str, parameters: Mapping, overwrite: boo
     return folder
 
 
-def run_cases(out_dir: Path, name: str, parameters: Mapping, cases: Mapping[str, list[Path]],
+def run_cases(run: ReopenedRun, name: str, parameters: Mapping, cases: Sequence[str] | None,
               compute_case: Callable[[str, list[Path]], pd.DataFrame], overwrite: bool = False,
-              progress: bool = True) -> tuple[pd.DataFrame, ExperimentOutcome]:
-    """Run `compute_case` on every case not finished yet, one atomic table per case, then the cohort table.
+              progress: bool = True) -> tuple[pd.DataFrame, CohortResult]:
+    """Run `compute_case` on every case (of the run's input folder, or those named) not finished yet, one atomic
+    table per case in `OUT/experiments/<name>/`, then the cohort table `OUT/experiments/<name>.csv`."""
+    files = run.case_files(cases)
+    folder = prepare_folder(run.out_dir, name, parameters, overwrite)
 
-    A case that raises CaseError fails alone (reported, no table); the others go on.
-    """
-    folder = prepare_folder(out_dir, name, parameters, overwrite)
-    outcome = ExperimentOutcome([], [], {})
-    for case, files in tqdm(cases.items(), desc=name, unit="case", disable=not progress):
-        table_path = folder / f"{case}.csv"
-        if table_path.is_file():
-            outcome.skipped.append(case)
-            continue
-        try:
-            table = compute_case(case, files)
-        except CaseError as error:
-            outcome.failed[case] = str(error)
-            tqdm.write(f"error: {error}", file=sys.stderr)
-            continue
-        write_atomically(table_path, table.to_csv(index=False))
-        outcome.done.append(case)
-    cohort = collect_case_tables(folder)
+    def compute(case: str) -> None:
+        write_atomically(folder / f"{case}.csv", compute_case(case, files[case]).to_csv(index=False))
+
+    result = run_resumable(files, lambda case: (folder / f"{case}.csv").is_file(), compute, name, progress)
+    cohort = concat_tables(path for path in folder.glob("*.csv") if not path.name.startswith("."))
     write_atomically(folder.parent / f"{name}.csv", cohort.to_csv(index=False))
-    return cohort, outcome
-
-
-def collect_case_tables(folder: Path) -> pd.DataFrame:
-    """Every finished case table of an experiment folder, concatenated (columns kept when all are empty)."""
-    tables = [pd.read_csv(path, dtype={"case": str}) for path in sorted(folder.glob("*.csv"))
-              if not path.name.startswith(".")]
-    non_empty = [table for table in tables if not table.empty]
-    if non_empty:
-        return pd.concat(non_empty, ignore_index=True)
-    return tables[0] if tables else pd.DataFrame()
+    return cohort, result

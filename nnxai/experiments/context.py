@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,9 +37,11 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from nnxai.experiments.common import (EXPERIMENTS_FOLDER, ExperimentError, ExperimentOutcome, LocalPrediction,
-                                      Prediction, matching_components, predict, predict_near, run_cases)
+from nnxai.experiments.common import (EXPERIMENTS_FOLDER, ExperimentError, LocalPrediction, Prediction,
+                                      matching_components, predict, predict_near, run_cases)
 from nnxai.explain.cases import check_channels, read_ground_truth
+from nnxai.explain.reopen import ReopenedRun
+from nnxai.explain.resumable import CohortResult
 from nnxai.explain.settings import ExplainSettings
 from nnxai.files import write_atomically
 from nnxai.lesions.instances import GROUPS, UNKNOWN_GROUP, case_instances, label_components
@@ -157,24 +160,21 @@ def context_case(model: LoadedModel, window: SlidingWindow, case: str, files: li
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def context_experiment(model: LoadedModel, cases: dict[str, list[Path]], out_dir: Path, settings: ExplainSettings,
-                       design: ContextDesign, gt_dir: Path | None = None, device: str = "cpu",
-                       overwrite: bool = False, progress: bool = True) -> tuple[pd.DataFrame, ExperimentOutcome]:
-    """The context experiment on every case; writes `out_dir/experiments/context.csv` (resumable)."""
+def context_experiment(run: ReopenedRun, design: ContextDesign, device: str = "cpu", overwrite: bool = False,
+                       progress: bool = True, cases: Sequence[str] | None = None) -> tuple[pd.DataFrame, CohortResult]:
+    """The context experiment on every case (or those named); writes `OUT/experiments/context.csv` (resumable)."""
     needs_truth = [g for g in design.groups if g in GROUPS]
-    if needs_truth and gt_dir is None:
+    if needs_truth and run.gt_dir is None:
         raise ExperimentError(f"groups {', '.join(needs_truth)} need ground truth, and the explain run had none: "
                               f"give the labels folder (--gt) or select --groups {UNKNOWN_GROUP}")
-    window = model.sliding_window(settings.step_size, settings.use_mirroring, device)
-    ending = model.dataset_json["file_ending"]
-    parameters = {"design": asdict(design), "settings": asdict(settings), "model": model.describe(),
-                  "ground_truth": gt_dir}
+    window = run.window(device)
+    parameters = {"design": asdict(design), "settings": asdict(run.settings), "model": run.model.describe(),
+                  "ground_truth": run.gt_dir}
 
     def compute(case: str, files: list[Path]) -> pd.DataFrame:
-        return context_case(model, window, case, files, settings, design,
-                            None if gt_dir is None else Path(gt_dir) / f"{case}{ending}")
+        return context_case(run.model, window, case, files, run.settings, design, run.gt_file(case))
 
-    return run_cases(out_dir, EXPERIMENT, parameters, cases, compute, overwrite, progress)
+    return run_cases(run, EXPERIMENT, parameters, cases, compute, overwrite, progress)
 
 
 def detection_matrix(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

@@ -45,11 +45,12 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 
 from nnxai.attribution.engine import GradientEngine
-from nnxai.experiments.common import (ExperimentError, ExperimentOutcome, experiment_folder, matching_components,
-                                      predict, run_cases)
+from nnxai.experiments.common import ExperimentError, experiment_folder, matching_components, predict, run_cases
 from nnxai.explain.cases import CaseError, check_channels, read_ground_truth
 from nnxai.explain.cohort import LesionInstance, instance_maps, instance_network_masks, instance_row
 from nnxai.explain.cohort import table_columns as instance_table_columns
+from nnxai.explain.reopen import ReopenedRun
+from nnxai.explain.resumable import CohortResult
 from nnxai.explain.settings import ExplainSettings
 from nnxai.lesions.instances import label_components
 from nnxai.lesions.synthesis import apply_lesion_contrast, lesion_blob
@@ -334,21 +335,21 @@ def _write_volume_files(folder: Path, case: str, volume_id: int, images: np.ndar
     write_volume(ids, Path(f"{stem}_lesions.nii.gz"), properties)
 
 
-def synthetic_experiment(model: LoadedModel, cases: dict[str, list[Path]], out_dir: Path, settings: ExplainSettings,
-                         design: SyntheticDesign, gt_dir: Path | None = None, wm_dir: Path | None = None,
+def synthetic_experiment(run: ReopenedRun, design: SyntheticDesign, wm_dir: Path | None = None,
                          save_volumes: bool = False, device: str = "cpu", overwrite: bool = False,
-                         progress: bool = True) -> tuple[pd.DataFrame, ExperimentOutcome]:
-    """The synthetic-lesion experiment on every case; writes `out_dir/experiments/synthetic.csv` (resumable)."""
+                         progress: bool = True, cases: Sequence[str] | None = None) -> tuple[pd.DataFrame, CohortResult]:
+    """The synthetic-lesion experiment on every case (or those named); writes `OUT/experiments/synthetic.csv`
+    (resumable)."""
+    model, settings = run.model, run.settings
     synthetic_channels(model.channel_names, wm_dir is not None)
-    window = model.sliding_window(settings.step_size, settings.use_mirroring, device)
+    window = run.window(device)
     ending = model.dataset_json["file_ending"]
-    volumes_dir = experiment_folder(out_dir, VOLUMES_FOLDER) if save_volumes else None
+    volumes_dir = experiment_folder(run.out_dir, VOLUMES_FOLDER) if save_volumes else None
     parameters = {"design": asdict(design), "settings": asdict(settings), "model": model.describe(),
-                  "ground_truth": gt_dir, "white_matter": wm_dir or "T1 intensity classes"}
+                  "ground_truth": run.gt_dir, "white_matter": wm_dir or "T1 intensity classes"}
 
     def compute(case: str, files: list[Path]) -> pd.DataFrame:
-        return synthetic_case(model, window, case, files, settings, design,
-                              None if gt_dir is None else Path(gt_dir) / f"{case}{ending}",
+        return synthetic_case(model, window, case, files, settings, design, run.gt_file(case),
                               None if wm_dir is None else Path(wm_dir) / f"{case}{ending}", volumes_dir, progress)
 
-    return run_cases(out_dir, EXPERIMENT, parameters, cases, compute, overwrite, progress)
+    return run_cases(run, EXPERIMENT, parameters, cases, compute, overwrite, progress)

@@ -11,7 +11,7 @@ import platform
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -24,8 +24,10 @@ from nnxai.attribution.base import Attribution
 from nnxai.attribution.engine import AMP_DTYPES, GradientEngine, GradientError
 from nnxai.attribution.gradcampp import VARIANTS, LayerError, check_layer, default_layer
 from nnxai.attribution.smoothgrad import AGGREGATIONS
+from nnxai.errors import InputError
 from nnxai.explain.cases import CaseError, check_channels, find_cases, read_ground_truth, shard
 from nnxai.explain.output import CASE_TABLE, RUN_RECORD
+from nnxai.explain.resumable import CohortResult, concat_tables, run_resumable
 from nnxai.explain.settings import ATTRIBUTIONS, METHODS, ComputeOptions, ExplainSettings
 from nnxai.explain.uncertainty import UNCERTAINTY_COLUMNS, fold_probabilities, instance_uncertainty
 from nnxai.files import write_atomically
@@ -35,15 +37,6 @@ from nnxai.nnunet.geometry import (preprocess_array, probabilities_in_original_s
                                    to_original_space, voxel_volume_mm3, world_coordinates, write_volume)
 from nnxai.nnunet.model import LoadedModel
 from nnxai.nnunet.sliding_window import SlidingWindow
-
-
-@dataclass
-class CohortResult:
-    """What a run did: cases explained now, skipped because finished earlier, and failed (case -> message)."""
-
-    explained: list[str]
-    skipped: list[str]
-    failed: dict[str, str]
 
 
 def nnunet_prediction(model: LoadedModel, data: torch.Tensor, properties: dict, settings: ExplainSettings,
@@ -237,9 +230,7 @@ def _check_resumable(out_dir: Path, record: dict, overwrite: bool) -> None:
 
 def collect_tables(out_dir: Path) -> pd.DataFrame:
     """The cohort table: every finished case's instance table, concatenated."""
-    tables = [pd.read_csv(p) for p in sorted(out_dir.glob(f"*/{CASE_TABLE}")) if not p.parent.name.startswith(".")]
-    non_empty = [t for t in tables if not t.empty]
-    return pd.concat(non_empty, ignore_index=True) if non_empty else (tables[0] if tables else pd.DataFrame())
+    return concat_tables(p for p in out_dir.glob(f"*/{CASE_TABLE}") if not p.parent.name.startswith("."))
 
 
 def prepare_output_folder(out_dir: Path) -> None:
@@ -301,22 +292,17 @@ def explain_cohort(model: LoadedModel, images_dir: Path, out_dir: Path, settings
         tqdm.write(f"note: {record['noise_channel_note']}", file=sys.stderr)
     _check_resumable(out_dir, record, overwrite)
     write_atomically(out_dir / RUN_RECORD, json.dumps(record, indent=2, default=str) + "\n")
-    result = CohortResult([], [], {})
-    mine = shard(list(cases), num_parts, part_id)
-    for case in tqdm(mine, desc="cases", unit="case", disable=not progress):
-        if (out_dir / case / CASE_TABLE).is_file() and not overwrite:
-            result.skipped.append(case)
-            continue
+
+    def explain(case: str) -> None:
         gt_file = None if gt_dir is None else gt_dir / f"{case}{file_ending}"
         try:
             explain_case(model, case, cases[case], out_dir, settings, gt_file, device, progress, engine)
-        except GradientError as error:  # a memory budget or precision that no case can work with
-            raise CaseError(f"{case}: {error}") from None
-        except CaseError as error:
-            result.failed[case] = str(error)
-            tqdm.write(f"error: {error}", file=sys.stderr)
-            continue
-        result.explained.append(case)
+        except GradientError as error:  # a memory budget or precision that no case can work with: stop the run
+            raise InputError(f"{case}: {error}") from None
+
+    result = run_resumable(shard(list(cases), num_parts, part_id),
+                           lambda case: (out_dir / case / CASE_TABLE).is_file() and not overwrite, explain,
+                           progress=progress)
     write_atomically(out_dir / CASE_TABLE, collect_tables(out_dir).to_csv(index=False))
     if engine.timings:  # the backward mode "auto" chose, and the seconds that decided it
         record["compute"].update(backward_chosen=engine.chosen, backward_seconds=engine.timings)

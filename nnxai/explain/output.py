@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from nnxai.errors import InputError
+from nnxai.explain.settings import ExplainSettings
 
 RUN_RECORD = "run.json"
 CASE_TABLE = "instances.csv"  # each case's instance table, and the cohort's
@@ -47,6 +48,36 @@ class ExplainOutput:
     def method(self) -> str:
         """The first method: the one the analyses read unless told otherwise."""
         return self.methods[0]
+
+    @property
+    def settings(self) -> ExplainSettings:
+        """The recorded settings (keys this version does not know are left out)."""
+        known = {f.name for f in fields(ExplainSettings)}
+        return self._parsed(lambda: ExplainSettings(**{k: v for k, v in self.record["settings"].items() if k in known}))
+
+    @property
+    def model_record(self) -> dict:
+        """The explained model: folder, folds, checkpoint and the checkpoints' sha256."""
+        model = self._parsed(lambda: self.record["model"])
+        return self._parsed(lambda: {"folder": Path(model["folder"]), "folds": [str(f) for f in model["folds"]],
+                                     "checkpoint": str(model["checkpoint"]),
+                                     "checkpoint_sha256": dict(model.get("checkpoint_sha256") or {})})
+
+    @property
+    def images_dir(self) -> Path:
+        return self._parsed(lambda: Path(self.record["images"]))
+
+    @property
+    def gt_dir(self) -> Path | None:
+        return Path(self.record["ground_truth"]) if self.record.get("ground_truth") else None
+
+    def _parsed(self, read):
+        """`read()` of the record, a malformed record refused in one line."""
+        try:
+            return read()
+        except (KeyError, TypeError, AttributeError) as error:
+            raise AnalysisInputError(f"{self.folder / RUN_RECORD}: not an nnxai explain run record "
+                                     f"({error!r})") from None
 
     @property
     def experiments(self) -> Path:

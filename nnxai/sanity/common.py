@@ -1,8 +1,8 @@
-"""What the sanity checks share: reopening an `nnxai explain` output folder and re-running its model.
+"""What the sanity checks share: recomputing a run's maps, choosing instances, logits near one, writing results.
 
-A check works on a finished explain run (OUT): the model, the images and the settings come from
-`OUT/run.json`, the lesion instances from `OUT/<case>/instances.nii.gz` and `OUT/instances.csv`.
-Everything is computed in network space (nnU-Net's preprocessed grid), where the maps are made.
+A check works on a finished explain run (OUT) opened again with its model (`explain.reopen`): the images and
+the settings come from `OUT/run.json`, the lesion instances from `OUT/<case>/instances.nii.gz` and
+`OUT/instances.csv`. Everything is computed in network space (nnU-Net's preprocessed grid), where the maps are made.
 """
 from __future__ import annotations
 
@@ -19,13 +19,10 @@ from matplotlib.figure import Figure
 
 from nnxai.attribution.engine import GradientEngine
 from nnxai.errors import InputError
-from nnxai.experiments.common import ExperimentError, load_run_model, recorded_run
-from nnxai.explain.cases import find_cases
-from nnxai.explain.output import GROUP_ORDER, AnalysisInputError, load_explain_output
+from nnxai.explain.output import GROUP_ORDER
+from nnxai.explain.reopen import ReopenedRun
 from nnxai.explain.settings import METHODS, ExplainSettings
 from nnxai.files import write_atomically
-from nnxai.nnunet.geometry import preprocess, to_network_space
-from nnxai.nnunet.model import LoadedModel
 from nnxai.nnunet.sliding_window import Slices, SlidingWindow
 
 SANITY_FOLDER = "sanity"
@@ -51,83 +48,24 @@ def check_methods(methods: Sequence[str]) -> None:
             raise SanityError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-@dataclass
-class CaseInput:
-    """One case in network space: the preprocessed input and the instance labels on the same grid."""
+@dataclass(frozen=True)
+class InstanceSelection:
+    """Which instances a check takes (cases, groups, how many), with which methods, in how large a box."""
 
-    case: str
-    data: torch.Tensor
-    properties: dict
-    instance_labels: np.ndarray
+    cases: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    max_instances: int = 5
+    methods: tuple[str, ...] = ()  # empty: the run's methods
+    margin_mm: float = 5.0
 
-    def mask(self, instance_id: int) -> np.ndarray:
-        return self.instance_labels == instance_id
-
-
-@dataclass
-class ExplainRun:
-    """A finished `nnxai explain` output folder with its model loaded again."""
-
-    out_dir: Path
-    settings: ExplainSettings
-    model: LoadedModel
-    images_dir: Path
-    instances: pd.DataFrame
-
-    @property
-    def channel_names(self) -> list[str]:
-        return self.model.channel_names
-
-    @property
-    def sanity_dir(self) -> Path:
-        return self.out_dir / SANITY_FOLDER
-
-    def network_spacing(self) -> list[float]:
-        return [float(s) for s in self.model.configuration_manager.spacing]
-
-    def window(self, device: str = "cpu", networks: Sequence[torch.nn.Module] | None = None) -> SlidingWindow:
-        """The run's sliding window (step, mirroring) over the model's networks or over replacements of them."""
-        window = self.model.sliding_window(self.settings.step_size, self.settings.use_mirroring, device)
-        if networks is None:
-            return window
-        return SlidingWindow([n.to(device) for n in networks], window.patch_size, window.step_size,
-                             window.mirror_axes, device=device)
-
-    def case_input(self, case: str) -> CaseInput:
-        """Preprocess the case's images as explain did and bring its instance labels onto the network grid."""
-        files = find_cases(self.images_dir, self.model.dataset_json["file_ending"], len(self.channel_names)).get(case)
-        if files is None or not all(f.is_file() for f in files):
-            raise SanityError(f"{self.images_dir}: images of case {case} are missing (use --images)")
-        data, properties = preprocess(self.model, files)
-        labels_file = self.out_dir / case / "instances.nii.gz"
-        if not labels_file.is_file():
-            raise SanityError(f"{labels_file}: missing; explain this case again")
-        labels, _ = self.model.plans_manager.image_reader_writer_class().read_seg([str(labels_file)])
-        network_labels = to_network_space(self.model, labels[0].astype(np.int32), properties)
-        return CaseInput(case, torch.from_numpy(data), properties, network_labels)
+    def chosen(self, run: ReopenedRun) -> tuple[pd.DataFrame, list[str]]:
+        """The selected instances and the checked methods, unknown methods refused."""
+        methods = list(self.methods) or list(run.settings.methods)
+        check_methods(methods)
+        return select_instances(run, self.cases, self.groups, self.max_instances), methods
 
 
-def load_run(out_dir: Path, images_dir: Path | None = None, trust_checkpoint: bool = False) -> ExplainRun:
-    """Reopen an explain output folder: its settings, its model (checked against the recorded hashes) and instances.
-
-    The folder is read as the analyses read it (`OUT/run.json`, `OUT/instances.csv`, case names kept as text).
-    """
-    try:
-        output = load_explain_output(Path(out_dir))
-    except AnalysisInputError as error:
-        raise SanityError(str(error)) from None
-    try:
-        recorded = recorded_run(output)
-        model = load_run_model(recorded, trust_checkpoint=trust_checkpoint)
-    except ExperimentError as error:
-        raise SanityError(error.message) from None
-    images_dir = Path(images_dir or recorded.images_dir)
-    if not images_dir.is_dir():
-        raise SanityError(f"{images_dir}: input folder of the explain run not found (use --images)")
-    return ExplainRun(out_dir, recorded.settings, model, images_dir, output.instances)
-
-
-def select_instances(run: ExplainRun, cases: Sequence[str] = (), groups: Sequence[str] = (),
+def select_instances(run: ReopenedRun, cases: Sequence[str] = (), groups: Sequence[str] = (),
                      max_instances: int | None = None) -> pd.DataFrame:
     """Instances to check, taking groups in turn (TP, FP, FN, ...) so each group is represented; by case and id."""
     table = run.instances

@@ -33,10 +33,11 @@ from scipy.stats import wilcoxon
 from tqdm import tqdm
 
 from nnxai.explain.output import ordered_groups
+from nnxai.explain.reopen import CaseInput, ReopenedRun
 from nnxai.nnunet.geometry import _network_and_original_spacing, read_images
 from nnxai.nnunet.model import LoadedModel
 from nnxai.nnunet.sliding_window import SlidingWindow
-from nnxai.sanity.common import CaseInput, ExplainRun, SanityError, instance_box, instance_logits, write_outputs
+from nnxai.sanity.common import InstanceSelection, SanityError, instance_box, instance_logits, write_outputs
 
 DELETION, INSERTION = "deletion", "insertion"
 MODES = (DELETION, INSERTION)
@@ -95,7 +96,7 @@ def stored_map_files(folder: Path, instance_id: int, channel_names: Sequence[str
     return per_channel
 
 
-def stored_maps(run: ExplainRun, case_input: CaseInput, method: str, instance_id: int) -> np.ndarray:
+def stored_maps(run: ReopenedRun, case_input: CaseInput, method: str, instance_id: int) -> np.ndarray:
     """The instance's maps written by `nnxai explain` (one per channel, or one for all), in network space."""
     files = stored_map_files(run.out_dir / case_input.case / method, instance_id, run.channel_names)
     missing = [f for f in files if not f.is_file()]
@@ -163,7 +164,7 @@ def _rankings(maps: np.ndarray, channel_names: list[str]) -> list[tuple[str, np.
     return [("all", maps[0], list(range(len(channel_names))))]
 
 
-def deletion_check(run: ExplainRun, selection: pd.DataFrame, methods: Sequence[str], percents: Sequence[float],
+def deletion_check(run: ReopenedRun, selection: pd.DataFrame, methods: Sequence[str], percents: Sequence[float],
                    modes: Sequence[str] = (DELETION,), seeds: int = 3, seed: int = 0, margin_mm: float = 5.0,
                    ranking: str = "signed", device: str = "cpu", progress: bool = False) -> pd.DataFrame:
     """Deletion/insertion curves of every selected instance, method and map channel (one row per point).
@@ -271,7 +272,7 @@ def summary_lines(groups: pd.DataFrame) -> list[str]:
             for _, g in groups.iterrows()]
 
 
-def write_deletion(run: ExplainRun, curves: pd.DataFrame, parameters: dict) -> tuple[list[Path], pd.DataFrame]:
+def write_deletion(run: ReopenedRun, curves: pd.DataFrame, parameters: dict) -> tuple[list[Path], pd.DataFrame]:
     """OUT/sanity/deletion.csv, deletion_areas.csv, deletion_groups.csv, deletion.png and deletion.json."""
     areas = deletion_areas(curves)
     groups = deletion_groups(areas)
@@ -280,7 +281,20 @@ def write_deletion(run: ExplainRun, curves: pd.DataFrame, parameters: dict) -> t
               "box": "instance bounding box grown by margin_mm",
               "area": "trapezoidal, over the fraction k / 100 of the box",
               "area_between": "random - saliency (deletion), saliency - random (insertion)"}
-    paths = write_outputs(run.sanity_dir, {"deletion.csv": curves, "deletion_areas.csv": areas,
-                                           "deletion_groups.csv": groups, "deletion.png": deletion_figure(curves),
-                                           "deletion.json": record})
+    paths = write_outputs(run.output.sanity, {"deletion.csv": curves, "deletion_areas.csv": areas,
+                                              "deletion_groups.csv": groups, "deletion.png": deletion_figure(curves),
+                                              "deletion.json": record})
     return paths, groups
+
+
+def deletion_sanity(run: ReopenedRun, selection: InstanceSelection, percents: Sequence[float],
+                    modes: Sequence[str] = (DELETION,), seeds: int = 3, seed: int = 0, ranking: str = "signed",
+                    device: str = "cpu", progress: bool = False) -> tuple[pd.DataFrame, list[Path]]:
+    """The whole deletion/insertion check: curves of the selected instances, written to OUT/sanity/; returns the
+    per-group verdicts and the files written."""
+    instances, methods = selection.chosen(run)
+    curves = deletion_check(run, instances, methods, percents, modes, seeds, seed, selection.margin_mm, ranking,
+                            device, progress)
+    paths, groups = write_deletion(run, curves, {"methods": methods, "k_percent": list(percents), "seeds": seeds,
+                                                 "seed": seed, "margin_mm": selection.margin_mm, "ranking": ranking})
+    return groups, paths

@@ -17,14 +17,15 @@ import pandas as pd
 import torch
 
 from nnxai.attribution.smoothgrad import instance_smoothgrad
-from nnxai.sanity.common import ExplainRun, SanityError, instance_logits, select_instances, write_outputs
+from nnxai.explain.reopen import ReopenedRun
+from nnxai.sanity.common import SanityError, instance_logits, select_instances, write_outputs
 
 COLUMNS = ["case", "instance_id", "group", "channel", "z", "y", "x", "map_value", "finite_difference",
            "absolute_error", "relative_error"]
 VERDICT_COLUMNS = ["case", "instance_id", "group", "voxels", "step", "max_relative_error", "tolerance", "verdict"]
 
 
-def choose_instance(run: ExplainRun, case: str | None = None, instance_id: int | None = None) -> tuple[str, int]:
+def choose_instance(run: ReopenedRun, case: str | None = None, instance_id: int | None = None) -> tuple[str, int]:
     """The instance to check: as given, else the first one (by case, then id) that matches what is given."""
     chosen = select_instances(run, [case] if case else ())
     if instance_id is not None:
@@ -43,7 +44,7 @@ def largest_voxels(gradient: np.ndarray, per_channel: int) -> list[tuple[int, ..
     return chosen
 
 
-def gradient_check(run: ExplainRun, case: str, instance_id: int, voxels: int = 3, step: float = 1e-3,
+def gradient_check(run: ReopenedRun, case: str, instance_id: int, voxels: int = 3, step: float = 1e-3,
                    device: str = "cpu") -> pd.DataFrame:
     """Map value vs. central finite difference (float64) at the largest-map voxels of each channel of one instance."""
     rows = run.instances[(run.instances.case == case) & (run.instances.instance_id == instance_id)]
@@ -88,6 +89,6 @@ def gradcheck_verdict(table: pd.DataFrame, step: float, tolerance: float = 1e-2)
                           "verdict": "passes" if worst < tolerance else "fails"}], columns=VERDICT_COLUMNS)
 
 
-def write_gradcheck(run: ExplainRun, table: pd.DataFrame, verdict: pd.DataFrame) -> list[Path]:
+def write_gradcheck(run: ReopenedRun, table: pd.DataFrame, verdict: pd.DataFrame) -> list[Path]:
     """OUT/sanity/gradcheck.csv (one row per voxel) and gradcheck_verdict.csv (one row)."""
-    return write_outputs(run.sanity_dir, {"gradcheck.csv": table, "gradcheck_verdict.csv": verdict})
+    return write_outputs(run.output.sanity, {"gradcheck.csv": table, "gradcheck_verdict.csv": verdict})

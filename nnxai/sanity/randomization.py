@@ -38,8 +38,9 @@ from skimage.metrics import structural_similarity
 from torch import nn
 from tqdm import tqdm
 
+from nnxai.explain.reopen import CaseInput, ReopenedRun
 from nnxai.nnunet.sliding_window import Slices
-from nnxai.sanity.common import CaseInput, ExplainRun, SanityError, instance_box, recompute_maps, write_outputs
+from nnxai.sanity.common import InstanceSelection, SanityError, instance_box, recompute_maps, write_outputs
 
 CASCADING, INDEPENDENT, REFERENCE = "cascading", "independent", "reference"
 STATISTICS = ("spearman_abs", "spearman_signed", "ssim_abs", "ssim_signed")
@@ -159,7 +160,7 @@ def compare_maps(original: np.ndarray, randomized: np.ndarray) -> dict[str, floa
             "ssim_signed": _ssim(original, randomized, 2.0)}
 
 
-def randomization_check(run: ExplainRun, selection: pd.DataFrame, methods: Sequence[str], layers: Sequence[str] = (),
+def randomization_check(run: ReopenedRun, selection: pd.DataFrame, methods: Sequence[str], layers: Sequence[str] = (),
                         independent: bool = True, seed: int = 0, margin_mm: float = 5.0, device: str = "cpu",
                         progress: bool = False) -> pd.DataFrame:
     """Compare each selected instance's maps before and after every randomization step (one row per map).
@@ -196,7 +197,7 @@ def randomization_check(run: ExplainRun, selection: pd.DataFrame, methods: Seque
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _maps(run: ExplainRun, method: str, case_input: CaseInput, masks: dict[int, np.ndarray], device: str, bar: tqdm,
+def _maps(run: ReopenedRun, method: str, case_input: CaseInput, masks: dict[int, np.ndarray], device: str, bar: tqdm,
           randomized: Sequence[str], seed: int) -> dict[int, np.ndarray]:
     """The method's maps of the case's instances with the blocks `randomized` re-initialized from `seed`."""
     networks = [randomized_copy(n, randomized, seed) for n in run.model.networks] if randomized else None
@@ -292,12 +293,28 @@ def verdict_lines(verdicts: pd.DataFrame) -> list[str]:
             for _, v in verdicts.iterrows()]
 
 
-def write_randomization(run: ExplainRun, table: pd.DataFrame, verdicts: pd.DataFrame, parameters: dict) -> list[Path]:
+def write_randomization(run: ReopenedRun, table: pd.DataFrame, verdicts: pd.DataFrame, parameters: dict) -> list[Path]:
     """OUT/sanity/randomization.csv, randomization_verdicts.csv, randomization.png and randomization.json."""
     blocks = table[table.experiment == CASCADING].drop_duplicates("step").sort_values("step").layer.tolist()
     record = {**parameters, "instances": int(table[["case", "instance_id"]].drop_duplicates().shape[0]),
               "blocks_output_to_input": blocks, "maps_compared_in": "network space, instance box",
               "ssim_scaling": "each map divided by its largest magnitude"}
-    return write_outputs(run.sanity_dir, {"randomization.csv": table, "randomization_verdicts.csv": verdicts,
-                                          "randomization.png": randomization_figure(table),
-                                          "randomization.json": record})
+    return write_outputs(run.output.sanity, {"randomization.csv": table, "randomization_verdicts.csv": verdicts,
+                                             "randomization.png": randomization_figure(table),
+                                             "randomization.json": record})
+
+
+def randomization_sanity(run: ReopenedRun, selection: InstanceSelection, layers: Sequence[str] = (),
+                         independent: bool = True, seed: int = 0, threshold: float = 0.5,
+                         statistic: str = "spearman_abs", device: str = "cpu",
+                         progress: bool = False) -> tuple[pd.DataFrame, list[Path]]:
+    """The whole model-randomization check: compare the selected instances' maps, judge, write OUT/sanity/;
+    returns the verdicts and the files written."""
+    instances, methods = selection.chosen(run)
+    table = randomization_check(run, instances, methods, layers, independent, seed, selection.margin_mm, device,
+                                progress)
+    verdicts = randomization_verdicts(table, threshold, statistic)
+    paths = write_randomization(run, table, verdicts, {"methods": methods, "seed": seed,
+                                                       "margin_mm": selection.margin_mm,
+                                                       "samples": run.settings.samples, "layers": list(layers)})
+    return verdicts, paths
