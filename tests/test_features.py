@@ -107,7 +107,7 @@ def test_uncertainty_columns_of_the_explain_table_become_features(tmp_path):
 def test_gradcampp_features_when_maps_present(tmp_path):
     hand_built_output(tmp_path, gradcampp=True)
     table = instance_features(tmp_path)
-    assert list(table.columns)[3:] == feature_columns(["FLAIR", "T1"], gradcampp=True)
+    assert list(table.columns)[3:] == feature_columns(["FLAIR", "T1"], ("smoothgrad", "gradcampp"))
     assert table["gradcampp_inside_mean"].tolist() == [5.0, 1.0]
     assert table.loc[0, "gradcampp_shell_peak_neg"] == 0.0
 

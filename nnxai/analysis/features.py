@@ -26,11 +26,11 @@ from tqdm import tqdm
 
 from nnxai.analysis.rings import shell_labels
 from nnxai.errors import InputError
-from nnxai.explain.output import AnalysisInputError, ExplainOutput, load_explain_output, read_volume, require_columns
+from nnxai.explain.output import (AnalysisInputError, ExplainOutput, load_explain_output, method_channels, read_volume,
+                                  require_columns, statistic_prefix)
+from nnxai.explain.settings import METHODS
 from nnxai.explain.uncertainty import UNCERTAINTY_COLUMNS
 
-SMOOTHGRAD = "smoothgrad"
-GRADCAMPP = "gradcampp"
 REGIONS = ("inside", "shell")
 STATISTICS = ("mean", "std", "median", "p10", "p90", "skewness", "kurtosis", "peak_pos", "peak_neg")
 IDENTITY_COLUMNS = ("case", "instance_id", "group")
@@ -71,11 +71,6 @@ def region_features(volume: np.ndarray, inside: np.ndarray, shell: np.ndarray, p
             for statistic, value in first_order_statistics(volume[mask]).items()}
 
 
-def gradcampp_path(output: ExplainOutput, case: str, instance_id: int) -> Path:
-    """Where `nnxai explain --method gradcampp` writes an instance's Grad-CAM++ map (one map, no channel)."""
-    return output.folder / case / GRADCAMPP / f"{int(instance_id):03d}.nii.gz"
-
-
 def read_map(path: Path, shape: tuple[int, ...], spacing: tuple[float, ...]) -> np.ndarray:
     """A saliency map, checked to be finite and on the instance image's grid."""
     volume, map_spacing, _ = read_volume(path)
@@ -93,7 +88,7 @@ def maps_present(output: ExplainOutput, method: str) -> bool:
     return any(p.is_dir() for p in output.folder.glob(f"[!.]*/{method}"))
 
 
-def case_features(output: ExplainOutput, case: str, instances: pd.DataFrame, smoothgrad: bool, gradcampp: bool,
+def case_features(output: ExplainOutput, case: str, instances: pd.DataFrame, methods: tuple[str, ...],
                   shell_mm: int = DEFAULT_SHELL_MM, uncertainty: tuple[str, ...] = ()) -> list[dict]:
     """Feature rows of the predicted instances of one case."""
     labels_path = output.instance_labels_path(case)
@@ -108,13 +103,10 @@ def case_features(output: ExplainOutput, case: str, instances: pd.DataFrame, smo
             raise FeatureError(f"{output.folder / 'instances.csv'}: case {case} instance {row.instance_id} has "
                                f"volume {row.volume_mm3} and mean probability {row.mean_probability}")
         features = {"case": case, "instance_id": int(row.instance_id), "group": row.group}
-        if smoothgrad:
-            for channel in output.channels:
-                volume = read_map(output.map_path(case, row.instance_id, channel, SMOOTHGRAD), labels.shape, spacing)
-                features.update(region_features(volume, inside, shell, f"{SMOOTHGRAD}_{channel}"))
-        if gradcampp:
-            volume = read_map(gradcampp_path(output, case, row.instance_id), labels.shape, spacing)
-            features.update(region_features(volume, inside, shell, GRADCAMPP))
+        for method in methods:
+            for channel, path in output.map_files(case, row.instance_id, method).items():
+                volume = read_map(path, labels.shape, spacing)
+                features.update(region_features(volume, inside, shell, statistic_prefix(method, channel)))
         features["log_volume_mm3"] = math.log(row.volume_mm3)
         features["mean_probability"] = float(row.mean_probability)
         features.update({column: float(getattr(row, column)) for column in uncertainty})
@@ -132,23 +124,23 @@ def instance_features(out_dir: Path, shell_mm: int = DEFAULT_SHELL_MM, progress:
         output = load_explain_output(Path(out_dir))
         require_columns(output.instances, ("volume_mm3", "mean_probability"), output.folder / "instances.csv")
         predicted = output.instances[output.instances["group"].isin(PREDICTED_GROUPS)]
-        smoothgrad, gradcampp = maps_present(output, SMOOTHGRAD), maps_present(output, GRADCAMPP)
+        methods = tuple(method for method in METHODS if maps_present(output, method))
         uncertainty = tuple(c for c in UNCERTAINTY_COLUMNS if c in predicted and predicted[c].notna().any())
-        if not (smoothgrad or gradcampp) and not predicted.empty:
-            raise FeatureError(f"{out_dir}: no {SMOOTHGRAD}/ or {GRADCAMPP}/ maps in any case folder")
+        if not methods and not predicted.empty:
+            raise FeatureError(f"{out_dir}: no {'/ or '.join(METHODS)}/ maps in any case folder")
         rows = []
         for case, instances in tqdm(predicted.groupby("case", sort=True), desc=f"features {Path(out_dir).name}",
                                     unit="case", disable=not progress):
-            rows += case_features(output, str(case), instances, smoothgrad, gradcampp, shell_mm, uncertainty)
+            rows += case_features(output, str(case), instances, methods, shell_mm, uncertainty)
     except AnalysisInputError as error:
         raise FeatureError(str(error)) from None
-    columns = list(IDENTITY_COLUMNS) + feature_columns(output.channels, smoothgrad, gradcampp, uncertainty)
+    columns = list(IDENTITY_COLUMNS) + feature_columns(output.channels, methods, uncertainty)
     return pd.DataFrame(rows, columns=columns)
 
 
-def feature_columns(channels: list[str], smoothgrad: bool = True, gradcampp: bool = False,
+def feature_columns(channels: list[str], methods: tuple[str, ...] = ("smoothgrad",),
                     uncertainty: tuple[str, ...] = ()) -> list[str]:
     """Names of the feature columns, in table order."""
-    prefixes = ([f"{SMOOTHGRAD}_{c}" for c in channels] if smoothgrad else []) + ([GRADCAMPP] if gradcampp else [])
+    prefixes = [statistic_prefix(method, channel) for method in methods for channel in method_channels(method, channels)]
     return [f"{p}_{r}_{s}" for p in prefixes for r in REGIONS for s in STATISTICS] + [
         "log_volume_mm3", "mean_probability", *uncertainty]

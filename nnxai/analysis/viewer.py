@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from nnxai.analysis.features import gradcampp_path
-from nnxai.explain.output import AnalysisInputError, ExplainOutput, ordered_groups, peak_column, read_volume
+from nnxai.explain.output import (AnalysisInputError, ExplainOutput, ordered_groups, peak_column, per_channel,
+                                  read_volume)
+from nnxai.explain.settings import ATTRIBUTIONS
 
 NIIVUE_VERSION = "0.69.0"
 NIIVUE_BUNDLE = Path(__file__).parents[1] / "vendor" / "niivue" / "niivue.umd.js"
@@ -113,11 +114,12 @@ def lesion_layers(output: ExplainOutput, case: str, instance_id: int,
         raise AnalysisInputError(f"{case}: no input image found beside the run ({output.record.get('images')})")
     flair = output.flair_channel()
     maps = []
-    if "smoothgrad" in output.methods:
-        maps.append((f"SmoothGrad {flair}", _finite_volume(output.map_path(case, instance_id, flair, "smoothgrad")),
-                     "warm", True))
-    if "gradcampp" in output.methods:
-        maps.append(("Grad-CAM++", _finite_volume(gradcampp_path(output, case, instance_id)), "hot", False))
+    for method in output.methods:  # signed per-channel maps (SmoothGrad) show FLAIR's, positive warm, negative cool
+        signed = per_channel(method)
+        title = ATTRIBUTIONS[method].title
+        maps.append((f"{title} {flair}" if signed else title,
+                     _finite_volume(output.map_path(case, instance_id, flair, method)), "warm" if signed else "hot",
+                     signed))
     for position, (name, volume, colormap, signed) in enumerate(maps):
         if volume.shape != mask.shape:
             raise AnalysisInputError(f"{case} #{instance_id}: {name} map grid {volume.shape} differs from "
@@ -132,7 +134,7 @@ def lesion_layers(output: ExplainOutput, case: str, instance_id: int,
 def collect_lesions(output: ExplainOutput, method: str, max_lesions: int = DEFAULT_MAX_LESIONS,
                     margin_mm: float = DEFAULT_MARGIN_MM) -> tuple[list[ViewerLesion], list[str]]:
     """The viewer's lesions, and one line for each lesion left out (a missing or unreadable file)."""
-    peak = peak_column(method, output.flair_channel(), "peak_pos") if method == "smoothgrad" else "gradcampp_peak"
+    peak = peak_column(method, output.flair_channel(), "peak_pos" if per_channel(method) else "peak")
     lesions, left_out = [], []
     for row in viewer_lesions(output.instances, max_lesions).itertuples(index=False):
         values = row._asdict()

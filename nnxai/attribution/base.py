@@ -50,6 +50,7 @@ class Attribution(ABC):
     """An attribution method: what `attribute` yields and how explain names its columns and files."""
 
     name: ClassVar[str]  # as `nnxai explain --method` names it
+    title: ClassVar[str]  # as figures and the report name it
     per_channel: ClassVar[bool]  # one map per input channel (True) or one for all channels
     sampled: ClassVar[bool]  # maps are means over noise samples (with a sample count and standard error)
 

@@ -207,6 +207,7 @@ class GradCAMPlusPlus(Attribution):
     `instance_gradcampp`."""
 
     name: ClassVar[str] = "gradcampp"
+    title: ClassVar[str] = "Grad-CAM++"
     per_channel: ClassVar[bool] = False
     sampled: ClassVar[bool] = False
 

@@ -151,6 +151,7 @@ class SmoothGrad(Attribution):
     drawn from the case's own stream (`seed`, `stream`), mean or max aggregation; see `smoothgrad_maps`."""
 
     name: ClassVar[str] = "smoothgrad"
+    title: ClassVar[str] = "SmoothGrad"
     per_channel: ClassVar[bool] = True
     sampled: ClassVar[bool] = True
 

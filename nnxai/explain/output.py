@@ -14,13 +14,14 @@ import numpy as np
 import pandas as pd
 
 from nnxai.errors import InputError
-from nnxai.explain.settings import ExplainSettings
+from nnxai.explain.settings import ATTRIBUTIONS, ExplainSettings
 
 RUN_RECORD = "run.json"
 CASE_TABLE = "instances.csv"  # each case's instance table, and the cohort's
 INSTANCE_COLUMNS = ("case", "instance_id", "group")
 PEAKS = ("peak_pos", "peak_neg")
 GROUP_ORDER = ("TP", "FP", "FN", "synthetic", "unknown")
+ALL_CHANNELS = "all"  # the channel label of a method's one map for all input channels
 
 
 class AnalysisInputError(InputError):
@@ -91,7 +92,15 @@ class ExplainOutput:
         return self.folder / case / "instances.nii.gz"
 
     def map_path(self, case: str, instance_id: int, channel: str, method: str | None = None) -> Path:
-        return self.folder / case / (method or self.method) / f"{int(instance_id):03d}_{channel}.nii.gz"
+        """One map file of an instance; `channel` is ignored for a method with one map for all channels."""
+        method = method or self.method
+        return self.folder / case / method / map_file_name(instance_id, channel if per_channel(method) else None)
+
+    def map_files(self, case: str, instance_id: int, method: str | None = None) -> dict[str, Path]:
+        """An instance's map files by channel: one per input channel, or one labelled `ALL_CHANNELS`."""
+        method = method or self.method
+        return {channel: self.map_path(case, instance_id, channel, method)
+                for channel in method_channels(method, self.channels)}
 
     def image_path(self, case: str, channel: str) -> Path | None:
         """The input image of one channel (`<images>/<case>_<index:04d><file_ending>`), or None if it is not there."""
@@ -153,9 +162,32 @@ def require_columns(table: pd.DataFrame, columns: Iterable[str], path: Path) -> 
         raise AnalysisInputError(f"{path}: missing column(s) {', '.join(missing)}")
 
 
+def per_channel(method: str) -> bool:
+    """Whether a method makes one map per input channel (else one for all channels)."""
+    if method not in ATTRIBUTIONS:
+        raise AnalysisInputError(f"unknown method {method!r}; choose from {', '.join(ATTRIBUTIONS)}")
+    return ATTRIBUTIONS[method].per_channel
+
+
+def method_channels(method: str, channels: list[str]) -> list[str]:
+    """The channel labels of a method's maps: the input channels, or `ALL_CHANNELS` for one map of all."""
+    return list(channels) if per_channel(method) else [ALL_CHANNELS]
+
+
+def map_file_name(instance_id: int, channel: str | None) -> str:
+    """`<id>_<CHANNEL>.nii.gz` of a per-channel map, `<id>.nii.gz` of a map for all channels (channel None)."""
+    return f"{int(instance_id):03d}{'' if channel is None else f'_{channel}'}.nii.gz"
+
+
+def statistic_prefix(method: str, channel: str) -> str:
+    """Prefix of a map's statistics in the tables: `smoothgrad_FLAIR`, or the method alone (`gradcampp`) for a map
+    of all channels."""
+    return f"{method}_{channel}" if per_channel(method) else method
+
+
 def peak_column(method: str, channel: str, peak: str) -> str:
     """Column name of a saliency statistic in the instance tables, e.g. `smoothgrad_FLAIR_peak_pos`."""
-    return f"{method}_{channel}_{peak}"
+    return f"{statistic_prefix(method, channel)}_{peak}"
 
 
 def ordered_groups(groups: Iterable[str]) -> list[str]:

@@ -32,7 +32,7 @@ from scipy.integrate import trapezoid
 from scipy.stats import wilcoxon
 from tqdm import tqdm
 
-from nnxai.explain.output import ordered_groups
+from nnxai.explain.output import ALL_CHANNELS, ordered_groups, per_channel
 from nnxai.explain.reopen import CaseInput, ReopenedRun
 from nnxai.nnunet.geometry import _network_and_original_spacing, read_images
 from nnxai.nnunet.model import LoadedModel
@@ -87,18 +87,9 @@ def map_to_network_space(model: LoadedModel, volume: np.ndarray, properties: dic
         cropped, list(network_shape), original_spacing, network_spacing), dtype=np.float32)
 
 
-def stored_map_files(folder: Path, instance_id: int, channel_names: Sequence[str]) -> list[Path]:
-    """An instance's map files in `OUT/<case>/<method>/`: `<id>_<CHANNEL>.nii.gz` per channel, or one `<id>.nii.gz`."""
-    per_channel = [folder / f"{instance_id:03d}_{name}.nii.gz" for name in channel_names]
-    single = folder / f"{instance_id:03d}.nii.gz"
-    if not all(f.is_file() for f in per_channel) and single.is_file():
-        return [single]
-    return per_channel
-
-
 def stored_maps(run: ReopenedRun, case_input: CaseInput, method: str, instance_id: int) -> np.ndarray:
     """The instance's maps written by `nnxai explain` (one per channel, or one for all), in network space."""
-    files = stored_map_files(run.out_dir / case_input.case / method, instance_id, run.channel_names)
+    files = list(run.output.map_files(case_input.case, instance_id, method).values())
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise SanityError(f"{missing[0]}: missing; explain this folder with --method {method} first")
@@ -157,11 +148,11 @@ def perturbation_curves(probe: _InstanceProbe, score: np.ndarray, channels: Sequ
     return rows
 
 
-def _rankings(maps: np.ndarray, channel_names: list[str]) -> list[tuple[str, np.ndarray, list[int]]]:
+def _rankings(method: str, maps: np.ndarray, channel_names: list[str]) -> list[tuple[str, np.ndarray, list[int]]]:
     """(map name, score, channels to perturb): a per-channel map perturbs its channel, a single map all of them."""
-    if len(maps) == len(channel_names):
+    if per_channel(method):
         return [(name, maps[index], [index]) for index, name in enumerate(channel_names)]
-    return [("all", maps[0], list(range(len(channel_names))))]
+    return [(ALL_CHANNELS, maps[0], list(range(len(channel_names))))]
 
 
 def deletion_check(run: ReopenedRun, selection: pd.DataFrame, methods: Sequence[str], percents: Sequence[float],
@@ -189,7 +180,7 @@ def deletion_check(run: ReopenedRun, selection: pd.DataFrame, methods: Sequence[
             key = zlib.crc32(f"{case}/{instance_id}".encode())
             for method in methods:
                 maps = stored_maps(run, case_input, method, instance_id)[(slice(None), *box)]
-                for name, score, channels in _rankings(maps, run.channel_names):
+                for name, score, channels in _rankings(method, maps, run.channel_names):
                     score = np.abs(score) if ranking == "absolute" else score
                     rows += [{"case": case, "instance_id": instance_id, "group": instance.group, "method": method,
                               "channel": name, **row}

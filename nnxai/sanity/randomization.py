@@ -38,6 +38,7 @@ from skimage.metrics import structural_similarity
 from torch import nn
 from tqdm import tqdm
 
+from nnxai.explain.output import method_channels
 from nnxai.explain.reopen import CaseInput, ReopenedRun
 from nnxai.nnunet.sliding_window import Slices
 from nnxai.sanity.common import InstanceSelection, SanityError, instance_box, recompute_maps, write_outputs
@@ -211,8 +212,7 @@ def _comparison_rows(case: str, groups: dict[int, str], method: str, step: Step,
     rows = []
     for instance_id, box in boxes.items():
         before, after = original[instance_id][box], maps[instance_id][box]
-        channels = channel_names if before.shape[0] == len(channel_names) else ["all"]
-        for channel, name in enumerate(channels):
+        for channel, name in enumerate(method_channels(method, channel_names)):
             rows.append({"case": case, "instance_id": instance_id, "group": groups[instance_id], "method": method,
                          "channel": name, "experiment": step.experiment, "step": step.step, "layer": step.layer,
                          **compare_maps(before[channel], after[channel]),
