@@ -141,6 +141,7 @@ def instance_features(out_dir: Path, shell_mm: int = DEFAULT_SHELL_MM, progress:
 def feature_columns(channels: list[str], methods: tuple[str, ...] = ("smoothgrad",),
                     uncertainty: tuple[str, ...] = ()) -> list[str]:
     """Names of the feature columns, in table order."""
-    prefixes = [statistic_prefix(method, channel) for method in methods for channel in method_channels(method, channels)]
+    prefixes = [statistic_prefix(method, channel)
+                for method in methods for channel in method_channels(method, channels)]
     return [f"{p}_{r}_{s}" for p in prefixes for r in REGIONS for s in STATISTICS] + [
         "log_volume_mm3", "mean_probability", *uncertainty]

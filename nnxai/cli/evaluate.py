@@ -5,28 +5,20 @@ from pathlib import Path
 
 import click
 
-from nnxai.cli.options import trust_model_option
+from nnxai.cli.options import device_option, instance_options, trust_model_option
 from nnxai.lesions.evaluation import CONVENTIONS, CasePairing, convention_options, evaluate_folders, write_evaluation
-from nnxai.lesions.instances import CONNECTIVITIES, MATCHING_RULES
 
 existing_folder = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
-def instance_options(command):
+def evaluation_options(command):
     """The instance and matching options shared by `evaluate` and `compare` (same meaning as in `explain`)."""
     options = [
         click.option("--convention", type=click.Choice(list(CONVENTIONS)), default="study", show_default=True,
                      help="Lesion matching and F1 as a benchmark publishes them: the study's (18-connectivity, any "
                           "overlap), Shifts (6, IoU >= 0.25), WMH 2017 (26, any overlap, GT label 2 ignored, "
                           "harmonic F1) or MSSEG-2016 (6, lesions > 3 mm^3, its detection rule, harmonic F1)."),
-        click.option("--connectivity", type=click.Choice([str(c) for c in CONNECTIVITIES]), default=None,
-                     help="Voxel connectivity of connected components [study default: 18]."),
-        click.option("--min-size", type=click.IntRange(min=1), default=None,
-                     help="Drop predicted components with fewer voxels (the study: 6) [default: 1]."),
-        click.option("--rule", type=click.Choice(MATCHING_RULES), default=None,
-                     help="Matching: any overlap (the study) or IoU >= --iou-threshold [study default: any]."),
-        click.option("--iou-threshold", type=click.FloatRange(0, 1, min_open=True), default=None,
-                     help="IoU needed for a match with --rule iou [default: 0.25]."),
+        instance_options(unset="the convention's"),
         click.option("--file-ending", default=None,
                      help="File ending of the masks [default: from dataset.json, else .nii.gz]."),
         click.option("--only-common", is_flag=True,
@@ -50,15 +42,15 @@ def report_pairing(pairing: CasePairing, label: str) -> None:
 @click.argument("pred_dir", type=existing_folder)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Per-case CSV; the overall table goes to <name>_overall.csv beside it.")
-@instance_options
-def evaluate(gt_dir: Path, pred_dir: Path, output: Path | None, convention: str, connectivity: str | None,
+@evaluation_options
+def evaluate(gt_dir: Path, pred_dir: Path, output: Path | None, convention: str, connectivity: int | None,
              min_size: int | None, rule: str | None, iou_threshold: float | None, file_ending: str | None,
              only_common: bool) -> None:
     """Voxel Dice, nDSC and lesion-wise TP/FP/FN, TPR, FDR, FNR, PPV, F1 of PRED_DIR against GT_DIR.
 
     Overall values are given both as the mean over cases and pooled (from counts summed over cases).
     """
-    options = convention_options(convention, int(connectivity) if connectivity else None, min_size, rule,
+    options = convention_options(convention, connectivity, min_size, rule,
                                  iou_threshold)
     evaluation = evaluate_folders(gt_dir, pred_dir, options, only_common, file_ending, progress=True)
     report_pairing(evaluation.pairing, str(pred_dir))
@@ -79,18 +71,17 @@ def evaluate(gt_dir: Path, pred_dir: Path, output: Path | None, convention: str,
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
 @click.option("--images", "images_dir", type=existing_folder,
               help="nnU-Net input folder (CASE_0000.nii.gz, ...) to predict model-folder entries on.")
-@click.option("-device", "--device", "device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
-              help="Device for predicting model-folder entries [default: cuda if available, else cpu].")
+@device_option
 @click.option("--disable-tta", is_flag=True, help="Predict model folders without mirroring (faster).")
 @click.option("-step_size", "--step-size", "step_size", type=click.FloatRange(0, 1, min_open=True), default=0.5,
               show_default=True, help="Sliding-window step for model folders, as a fraction of the patch size.")
 @click.option("-chk", "--checkpoint", "checkpoint", default="checkpoint_final.pth", show_default=True,
               help="Checkpoint file name in the model folders' fold_* folders.")
 @trust_model_option
-@instance_options
+@evaluation_options
 def compare(gt_dir: Path, entries: tuple[str, ...], output: Path, n_bootstrap: int, seed: int,
-            images_dir: Path | None, device: str | None, disable_tta: bool, step_size: float, checkpoint: str,
-            trust_checkpoint: bool, convention: str, connectivity: str | None, min_size: int | None,
+            images_dir: Path | None, device: str, disable_tta: bool, step_size: float, checkpoint: str,
+            trust_checkpoint: bool, convention: str, connectivity: int | None, min_size: int | None,
             rule: str | None, iou_threshold: float | None, file_ending: str | None, only_common: bool) -> None:
     """Compare entries NAME=PRED_DIR or NAME=MODEL_DIR against GT; the first entry is the baseline.
 
@@ -104,14 +95,9 @@ def compare(gt_dir: Path, entries: tuple[str, ...], output: Path, n_bootstrap: i
 
     prediction = None
     if images_dir is not None:
-        import torch
-
-        from nnxai.cli.explain import resolve_device
-
-        device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         prediction = ModelPrediction(images_dir, output / "predictions", device, step_size, not disable_tta,
                                      checkpoint, trust_checkpoint)
-    options = convention_options(convention, int(connectivity) if connectivity else None, min_size, rule,
+    options = convention_options(convention, connectivity, min_size, rule,
                                  iou_threshold)
     parsed = [parse_entry(text) for text in entries]
     comparison = compare_entries(gt_dir, parsed, options, n_bootstrap, seed, only_common, file_ending,

@@ -10,15 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 
 from nnxai.cli import LazyGroup
-from nnxai.cli.explain import resolve_device
-from nnxai.cli.options import trust_model_option
+from nnxai.cli.options import device_option, instance_options, trust_model_option
 from nnxai.experiments.common import experiment_folder
 from nnxai.explain.reopen import ReopenedRun, reopen_run
 from nnxai.explain.resumable import CohortResult
-from nnxai.lesions.instances import CONNECTIVITIES, GROUPS, MATCHING_RULES, UNKNOWN_GROUP
+from nnxai.lesions.instances import GROUPS, UNKNOWN_GROUP
 
 EXPERIMENTS = {
     "synthetic": "nnxai.cli.experiment:synthetic",
@@ -59,18 +57,12 @@ def run_options(command):
         click.option("-f", "folds", multiple=True, help="Folds [default: from run.json]."),
         click.option("-chk", "checkpoint", help="Checkpoint file name [default: from run.json]."),
         trust_model_option,
-        click.option("-device", "--device", "device", type=click.Choice(["cpu", "cuda", "mps"]),
-                     default="cuda" if torch.cuda.is_available() else "cpu",
-                     show_default="cuda if available, else cpu"),
+        device_option,
         click.option("--disable-tta", "--disable_tta", "disable_tta", is_flag=True,
                      help="No mirroring test-time augmentation [default: as run.json]."),
         click.option("--threshold", type=click.FloatRange(0, 1),
                      help="Lesion probability threshold [default: run.json]."),
-        click.option("--min-size", type=click.IntRange(min=1), help="Minimum component size [default: run.json]."),
-        click.option("--connectivity", type=click.Choice([str(c) for c in CONNECTIVITIES]),
-                     help="Component connectivity [default: run.json]."),
-        click.option("--rule", type=click.Choice(MATCHING_RULES), help="Matching rule [default: run.json]."),
-        click.option("--iou-threshold", type=click.FloatRange(0, 1, min_open=True), help="[default: run.json]"),
+        instance_options(unset="run.json"),
         click.option("--cases", callback=lambda ctx, param, value: value.split(",") if value else None,
                      help="Only these cases (comma-separated) [default: all cases of the images folder]."),
         click.option("--overwrite", is_flag=True, help="Start again (default: skip finished cases, so runs resume)."),
@@ -88,12 +80,11 @@ def _samples(value: str | None) -> int | str | None:
     return int(value)
 
 
-def open_run(out: Path, model_dir, images, gt_dir, folds, checkpoint, trust_checkpoint, disable_tta, connectivity,
+def open_run(out: Path, model_dir, images, gt_dir, folds, checkpoint, trust_checkpoint, disable_tta,
              **setting_overrides) -> ReopenedRun:
     """Reopen OUT with the command line's overrides of run.json."""
     return reopen_run(out, images, gt_dir, model_dir, folds, checkpoint, trust_checkpoint,
-                      use_mirroring=False if disable_tta else None,
-                      connectivity=int(connectivity) if connectivity else None, **setting_overrides)
+                      use_mirroring=False if disable_tta else None, **setting_overrides)
 
 
 def finish(name: str, out: Path, outcome: CohortResult, what: str) -> None:
@@ -141,7 +132,7 @@ def synthetic(out, sizes, flair_factors, t1_factors, flair_sd, t1_sd, per_case, 
 
     design = SyntheticDesign(sizes, flair_factors, t1_factors, flair_sd, t1_sd, per_case, per_volume,
                              min_distance_mm, clearance_mm, margin_mm, seed)
-    device, overwrite, cases = resolve_device(run.pop("device")), run.pop("overwrite"), run.pop("cases")
+    device, overwrite, cases = run.pop("device"), run.pop("overwrite"), run.pop("cases")
     table, outcome = synthetic_experiment(open_run(out, samples=samples, **run), design, wm_dir, save_volumes, device,
                                           overwrite, cases=cases)
     detected = int(table["detected"].astype(bool).sum()) if len(table) else 0
@@ -179,7 +170,7 @@ def context(out, groups, min_voxels, max_voxels, min_mm3, max_mm3, max_mm, step_
         min_voxels = 91 if min_voxels is None else min_voxels
         max_voxels = 119 if max_voxels is None else max_voxels
     design = ContextDesign(groups, min_voxels, max_voxels, min_mm3, max_mm3, max_mm, step_mm)
-    device, overwrite, cases = resolve_device(run.pop("device")), run.pop("overwrite"), run.pop("cases")
+    device, overwrite, cases = run.pop("device"), run.pop("overwrite"), run.pop("cases")
     table, outcome = context_experiment(open_run(out, **run), design, device, overwrite, cases=cases)
     summary = summarize_context(table, plateau_fraction, bootstrap, confidence, seed)
     path = write_summary(out, summary)

@@ -5,26 +5,15 @@ import os
 from pathlib import Path
 
 import click
-import torch
 
 from nnxai.attribution.engine import AMP_DTYPES, BACKWARD_MODES
 from nnxai.attribution.gradcampp import VARIANTS
 from nnxai.attribution.smoothgrad import AGGREGATIONS
-from nnxai.cli.options import trust_model_option
+from nnxai.cli.options import device_option, instance_options, trust_model_option
 from nnxai.errors import InputError
 from nnxai.explain.cohort import explain_cohort, prepare_output_folder
 from nnxai.explain.settings import DEFAULT_MAX_MAPS, METHODS, ComputeOptions, ExplainSettings
-from nnxai.lesions.instances import CONNECTIVITIES, MATCHING_RULES
 from nnxai.nnunet.model import load_model, model_folder
-
-
-def resolve_device(name: str) -> str:
-    """The torch device asked for, refusing one this machine does not have."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise click.ClickException("-device cuda: no CUDA GPU is available here (use -device cpu)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise click.ClickException("-device mps: Apple MPS is not available here (use -device cpu)")
-    return name
 
 
 def parse_methods(_ctx, _param, values: tuple[str, ...]) -> tuple[str, ...]:
@@ -60,8 +49,7 @@ def parse_samples(_ctx, _param, value: str) -> int | str:
 @click.option("-p", "plans", default="nnUNetPlans", show_default=True, help="Plans identifier.")
 @click.option("-f", "folds", multiple=True, help="Folds to ensemble (mean of logits); default: all present.")
 @click.option("-chk", "checkpoint", default="checkpoint_final.pth", show_default=True, help="Checkpoint file name.")
-@click.option("-device", "device", type=click.Choice(["cpu", "cuda", "mps"]), default="cuda" if torch.cuda.is_available() else "cpu",
-              show_default="cuda if available, else cpu", help="Device for prediction and gradients.")
+@device_option
 @click.option("-step_size", "step_size", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Sliding-window step as a fraction of the patch size.")
 @click.option("--disable_tta", is_flag=True, help="No mirroring test-time augmentation (faster, as in nnUNetv2_predict).")
@@ -108,12 +96,7 @@ def parse_samples(_ctx, _param, value: str) -> int | str:
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Lesion probability above which a voxel is predicted lesion (two-class models; with more "
                    "classes the segmentation is nnU-Net's argmax).")
-@click.option("--min-size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Drop predicted components with fewer voxels (the study: 6).")
-@click.option("--connectivity", type=click.Choice([str(c) for c in CONNECTIVITIES]), default="18", show_default=True)
-@click.option("--rule", type=click.Choice(MATCHING_RULES), default="any", show_default=True,
-              help="Matching rule: any overlap, or IoU >= --iou-threshold.")
-@click.option("--iou-threshold", type=click.FloatRange(0, 1), default=0.25, show_default=True)
+@instance_options({"min_size": 1, "connectivity": "18", "rule": "any", "iou_threshold": 0.25})
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (per case: seed and case name).")
 @click.option("--overwrite", is_flag=True, help="Redo finished cases (default: skip them, so runs resume).")
 @trust_model_option
@@ -126,7 +109,6 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
         raise click.UsageError("give a model: -m MODEL_FOLDER, or -d DATASET [-c -tr -p]")
     if part_id >= num_parts:
         raise click.UsageError(f"-part_id {part_id} must be smaller than -num_parts {num_parts}")
-    device = resolve_device(device)
     if amp and device != "cuda":
         raise click.UsageError(f"--amp needs -device cuda: mixed precision is offered for GPUs only "
                                f"(on {device}, leave --amp out and run in float32; see docs/methods.md)")
@@ -153,7 +135,7 @@ def explain(images, out, model_dir, dataset, configuration, trainer, plans, fold
                                gradcampp_variant=gradcampp_variant,
                                normalize=normalize, amp=amp, threshold=threshold, lesion_label=lesion_label,
                                min_size=min_size,
-                               connectivity=int(connectivity), rule=rule, iou_threshold=iou_threshold, seed=seed,
+                               connectivity=connectivity, rule=rule, iou_threshold=iou_threshold, seed=seed,
                                step_size=step_size, use_mirroring=not disable_tta)
     compute = ComputeOptions(backward, max_batch, memory_budget, max_maps)
     result = explain_cohort(model, images, out, settings, gt_dir, num_parts, part_id, overwrite, device,

@@ -4,10 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 
-from nnxai.cli.explain import resolve_device
-from nnxai.cli.options import trust_model_option
+from nnxai.cli.options import device_option, trust_model_option
 from nnxai.explain.reopen import ReopenedRun, reopen_run
 from nnxai.sanity.common import InstanceSelection
 
@@ -20,9 +18,7 @@ def run_options(command):
         click.argument("out", type=existing_folder),
         click.option("--images", type=existing_folder,
                      help="Input images of the explain run [default: the folder recorded in OUT/run.json]."),
-        click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]),
-                     default="cuda" if torch.cuda.is_available() else "cpu",
-                     show_default="cuda if available, else cpu"),
+        device_option,
         click.option("--disable-tta", is_flag=True,
                      help="Predict without mirroring even if the explain run used it (faster, another model)."),
         trust_model_option,
@@ -81,7 +77,7 @@ def randomize(out, images, device, disable_tta, trust_checkpoint, cases, groups,
     verdicts, paths = randomization_sanity(open_run(out, images, trust_checkpoint, disable_tta, samples=samples),
                                            InstanceSelection(cases, groups, max_instances, methods, margin_mm),
                                            layers, not no_independent, seed, threshold, statistic,
-                                           resolve_device(device), progress=True)
+                                           device, progress=True)
     for line in verdict_lines(verdicts):
         click.echo(line)
     click.echo(f"wrote {', '.join(str(p) for p in paths)}")
@@ -107,7 +103,7 @@ def deletion(out, images, device, disable_tta, trust_checkpoint, cases, groups, 
     groups_table, paths = deletion_sanity(open_run(out, images, trust_checkpoint, disable_tta),
                                           InstanceSelection(cases, groups, max_instances, methods, margin_mm),
                                           percentages, MODES if mode == "both" else (mode,), seeds, seed, ranking,
-                                          resolve_device(device), progress=True)
+                                          device, progress=True)
     for line in summary_lines(groups_table):
         click.echo(line)
     click.echo(f"wrote {', '.join(str(p) for p in paths)}")
@@ -129,7 +125,7 @@ def gradcheck(out, images, device, disable_tta, trust_checkpoint, case, instance
 
     run = open_run(out, images, trust_checkpoint, disable_tta)
     case, instance_id = choose_instance(run, case, instance_id)
-    table = gradient_check(run, case, instance_id, voxels, step, resolve_device(device))
+    table = gradient_check(run, case, instance_id, voxels, step, device)
     verdict = gradcheck_verdict(table, step, tolerance)
     paths = write_gradcheck(run, table, verdict)
     row = verdict.iloc[0]

@@ -337,7 +337,8 @@ def _write_volume_files(folder: Path, case: str, volume_id: int, images: np.ndar
 
 def synthetic_experiment(run: ReopenedRun, design: SyntheticDesign, wm_dir: Path | None = None,
                          save_volumes: bool = False, device: str = "cpu", overwrite: bool = False,
-                         progress: bool = True, cases: Sequence[str] | None = None) -> tuple[pd.DataFrame, CohortResult]:
+                         progress: bool = True,
+                         cases: Sequence[str] | None = None) -> tuple[pd.DataFrame, CohortResult]:
     """The synthetic-lesion experiment on every case (or those named); writes `OUT/experiments/synthetic.csv`
     (resumable)."""
     model, settings = run.model, run.settings
