@@ -23,7 +23,7 @@ demo: venv
 	$(BIN)/nnxai demo --out $(DEMO_OUT)
 
 test: venv browser
-	$(BIN)/python -m pytest -ra --timeout=1800 tests
+	$(BIN)/python -m pytest -ra --durations=15 --timeout=1800 tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

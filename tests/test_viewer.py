@@ -150,8 +150,10 @@ window.addEventListener("load", () => whenLoaded(0, () => {
     const status = document.getElementById("nnxai-viewer-status").textContent;
     const crosshair = Array.from(window.nnxaiViewer.frac2mm(window.nnxaiViewer.scene.crosshairPos)).slice(0, 3);
     const requests = performance.getEntriesByType("resource").map(entry => entry.name);
+    document.getElementById("nnxai-viewer-crosshair").click();
+    const hidden = {...litPixels(), crosshairWidth: window.nnxaiViewer.opts.crosshairWidth};
     document.body.setAttribute("data-check", JSON.stringify(
-      {first, second, status, crosshair, errors: window.viewerErrors, requests,
+      {first, second, hidden, status, crosshair, errors: window.viewerErrors, requests,
        viewer: document.body.dataset.viewer || ""}));
   });
 }));
@@ -180,3 +182,5 @@ def test_viewer_renders_and_loads_a_clicked_lesion_in_headless_chromium(cohort, 
     assert check["status"].startswith("case_000 #1 (TP)")  # the second row's lesion
     data = json.loads(re.search(r'id="nnxai-viewer-data">(.*?)</script>', path.read_text(), re.S).group(1))
     assert np.allclose(check["crosshair"], data[1]["centre"], atol=0.8)  # the crosshair starts in the lesion
+    # the crosshair button hides the crosshair, which covered part of the lesion's outline
+    assert check["hidden"]["crosshairWidth"] == 0 and check["hidden"]["outline"] > check["second"]["outline"]

@@ -476,7 +476,7 @@ tr.significant td { font-weight: 600; background: #fff6e0; }
 figure { margin: 12px 0 20px; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption, .note { font-size: 13px; color: #555; }
 #nnxai-viewer-canvas { width: 100%; height: 420px; background: #000; display: block; }
-#nnxai-viewer-layers button { margin: 0 6px 6px 0; } #nnxai-viewer-layers button.on { font-weight: 600; }
+#nnxai-viewer-controls button { margin: 0 6px 6px 0; } #nnxai-viewer-controls button.on { font-weight: 600; }
 table.lesions tr[data-lesion] { cursor: pointer; } table.lesions tr.selected td { background: #e3efff; }
 .status { padding: 8px 12px; background: #f4f4f4; border-left: 4px solid #999; color: #444; }
 .finding { font-size: 16px; } pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 12px; }

@@ -168,10 +168,13 @@ def viewer_html(lesions: list[ViewerLesion], total: int) -> str:
     bundle = NIIVUE_BUNDLE.read_text(encoding="utf-8")
     return (f'<p>Click a row (or focus it and press Enter) to load that lesion into the viewer (NiiVue '
             f'{NIIVUE_VERSION}): left drag moves the crosshair, right drag sets the contrast, the wheel moves through '
-            'slices, the buttons switch background image and map. Input in grey, positive saliency warm, negative '
-            'saliency cool, the lesion outline green; each crop reaches a margin beyond the lesion box.</p>'
+            'slices, the buttons switch background image and map, and hide the crosshair (it starts in the lesion '
+            'and can cover a small lesion\'s outline). Input in grey, positive saliency warm, negative saliency cool, '
+            'the lesion outline green; each crop reaches a margin beyond the lesion box.</p>'
             f'<p id="nnxai-viewer-status" class="note">Loading the viewer ...</p>'
-            f'<div id="nnxai-viewer-frame"><div id="nnxai-viewer-layers"></div>'
+            f'<div id="nnxai-viewer-frame"><div id="nnxai-viewer-controls">'
+            f'<button id="nnxai-viewer-crosshair" class="on">crosshair</button><span id="nnxai-viewer-layers"></span>'
+            f'</div>'
             f'<canvas id="nnxai-viewer-canvas" width="1100" height="420"></canvas></div>'
             f'<div class="table"><table class="lesions"><thead><tr>{header}</tr></thead><tbody>{rows}</tbody>'
             f'</table></div>{note}'
@@ -197,6 +200,10 @@ VIEWER_SCRIPT = """
   nv.attachToCanvas(document.getElementById("nnxai-viewer-canvas"));
   nv.setSliceType(nv.sliceTypeMultiplanar);
   let queue = Promise.resolve();
+  const crosshair = document.getElementById("nnxai-viewer-crosshair");
+  crosshair.addEventListener("click", () => {
+    nv.setCrosshairWidth(crosshair.classList.toggle("on") ? 1 : 0);
+  });
 
   function showLayer(label, group) {
     nv.volumes.forEach((volume, index) => {
