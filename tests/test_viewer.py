@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from scipy import ndimage
 
 from nnxai.analysis.viewer import NIIVUE_BUNDLE, NIIVUE_VERSION, collect_lesions, crop_box, nifti_base64
 from nnxai.cli import main
@@ -75,7 +76,10 @@ def test_each_lesion_gets_its_cropped_image_map_and_outline(cohort):
     outline = decode(first.layers[4]["data"])
     found = np.argwhere(mask)
     assert outline.shape == tuple(found.max(0) - found.min(0) + 1 + 2 * np.ceil(2.0 / np.array([1.0, 1.0, 1.5])))
-    assert outline.get_fdata().sum() < mask.sum()  # the border, not the whole lesion
+    ring = ndimage.binary_dilation(mask) & ~mask  # the voxels just outside the lesion, which stays uncovered
+    box = tuple(slice(low - margin, high + 1 + margin) for low, high, margin in
+                zip(found.min(0), found.max(0), np.ceil(2.0 / np.array([1.0, 1.0, 1.5])).astype(int)))
+    assert np.array_equal(outline.get_fdata() > 0, ring[box])
     saliency = first.layers[2]
     assert saliency["colormapNegative"] == "winter" and saliency["cal_min"] == pytest.approx(0.1 * saliency["cal_max"])
     assert np.allclose(first.centre_mm, (labels.affine @ [*found.mean(axis=0), 1])[:3])
@@ -150,10 +154,11 @@ window.addEventListener("load", () => whenLoaded(0, () => {
     const status = document.getElementById("nnxai-viewer-status").textContent;
     const crosshair = Array.from(window.nnxaiViewer.frac2mm(window.nnxaiViewer.scene.crosshairPos)).slice(0, 3);
     const requests = performance.getEntriesByType("resource").map(entry => entry.name);
+    const hidden = window.nnxaiViewer.opts.crosshairWidth;
     document.getElementById("nnxai-viewer-crosshair").click();
-    const hidden = {...litPixels(), crosshairWidth: window.nnxaiViewer.opts.crosshairWidth};
+    const crossed = {...litPixels(), crosshairWidth: window.nnxaiViewer.opts.crosshairWidth};
     document.body.setAttribute("data-check", JSON.stringify(
-      {first, second, hidden, status, crosshair, errors: window.viewerErrors, requests,
+      {first, second, hidden, crossed, status, crosshair, errors: window.viewerErrors, requests,
        viewer: document.body.dataset.viewer || ""}));
   });
 }));
@@ -182,5 +187,6 @@ def test_viewer_renders_and_loads_a_clicked_lesion_in_headless_chromium(cohort, 
     assert check["status"].startswith("case_000 #1 (TP)")  # the second row's lesion
     data = json.loads(re.search(r'id="nnxai-viewer-data">(.*?)</script>', path.read_text(), re.S).group(1))
     assert np.allclose(check["crosshair"], data[1]["centre"], atol=0.8)  # the crosshair starts in the lesion
-    # the crosshair button hides the crosshair, which covered part of the lesion's outline
-    assert check["hidden"]["crosshairWidth"] == 0 and check["hidden"]["outline"] > check["second"]["outline"]
+    # the crosshair starts hidden (red, it was counted as positive saliency and covered outline); the button shows it
+    assert check["hidden"] == 0 and check["crossed"]["crosshairWidth"] == 1
+    assert check["crossed"]["outline"] < check["second"]["outline"], (check["crossed"], check["second"])

@@ -3,7 +3,8 @@
 A page opened from disk cannot fetch local files, so every volume travels inside the HTML as base64 gzipped
 NIfTI: per lesion the FLAIR and T1 inputs cropped to the lesion's box plus a margin, the signed SmoothGrad
 map of the FLAIR channel (positive warm, negative cool through NiiVue's `colormapNegative`), the Grad-CAM++
-map when the run made one, and the instance's outline. Values are stored as int16 with the NIfTI scale
+map when the run made one, and the instance's outline (the voxels just outside it, so the lesion's own voxels
+and their saliency stay uncovered). Values are stored as int16 with the NIfTI scale
 factor (1/32767 of each crop's range), which keeps the page small. The lesion table's rows load their
 lesion into the viewer; without WebGL2 the page says so and the static slices of the gallery remain.
 """
@@ -125,7 +126,7 @@ def lesion_layers(output: ExplainOutput, case: str, instance_id: int,
             raise AnalysisInputError(f"{case} #{instance_id}: {name} map grid {volume.shape} differs from "
                                      f"instances.nii.gz's {mask.shape}")
         layers.append(_layer(name, volume, affine, box, colormap, 0.8 if position == 0 else 0.0, signed))
-    outline = mask & ~ndimage.binary_erosion(mask)
+    outline = ndimage.binary_dilation(mask) & ~mask
     layers.append({**_layer("outline", outline, affine, box, "green", 1.0), "cal_min": 0.5, "cal_max": 1.0})
     centre = affine @ [*np.argwhere(mask).mean(axis=0), 1.0]
     return layers, [float(c) for c in centre[:3]]
@@ -168,12 +169,13 @@ def viewer_html(lesions: list[ViewerLesion], total: int) -> str:
     bundle = NIIVUE_BUNDLE.read_text(encoding="utf-8")
     return (f'<p>Click a row (or focus it and press Enter) to load that lesion into the viewer (NiiVue '
             f'{NIIVUE_VERSION}): left drag moves the crosshair, right drag sets the contrast, the wheel moves through '
-            'slices, the buttons switch background image and map, and hide the crosshair (it starts in the lesion '
-            'and can cover a small lesion\'s outline). Input in grey, positive saliency warm, negative saliency cool, '
-            'the lesion outline green; each crop reaches a margin beyond the lesion box.</p>'
+            'slices, the buttons switch background image and map and show the crosshair (hidden at first: one voxel '
+            'wide through the lesion\'s centre, it covers much of a small lesion). Input in grey, positive saliency '
+            'warm, negative saliency cool, the lesion outline green just outside the lesion; each crop reaches a '
+            'margin beyond the lesion box.</p>'
             f'<p id="nnxai-viewer-status" class="note">Loading the viewer ...</p>'
             f'<div id="nnxai-viewer-frame"><div id="nnxai-viewer-controls">'
-            f'<button id="nnxai-viewer-crosshair" class="on">crosshair</button><span id="nnxai-viewer-layers"></span>'
+            f'<button id="nnxai-viewer-crosshair">crosshair</button><span id="nnxai-viewer-layers"></span>'
             f'</div>'
             f'<canvas id="nnxai-viewer-canvas" width="1100" height="420"></canvas></div>'
             f'<div class="table"><table class="lesions"><thead><tr>{header}</tr></thead><tbody>{rows}</tbody>'
@@ -194,8 +196,8 @@ VIEWER_SCRIPT = """
     document.body.dataset.viewer = "fallback";
     return;
   }
-  const nv = new niivue.Niivue({backColor: [0, 0, 0, 1], crosshairColor: [1, 0, 0, 0.4], isColorbar: true,
-                                 show3Dcrosshair: true});
+  const nv = new niivue.Niivue({backColor: [0, 0, 0, 1], crosshairColor: [1, 0, 0, 0.4], crosshairWidth: 0,
+                                 isColorbar: true, show3Dcrosshair: true});
   window.nnxaiViewer = nv;
   nv.attachToCanvas(document.getElementById("nnxai-viewer-canvas"));
   nv.setSliceType(nv.sliceTypeMultiplanar);
@@ -208,7 +210,9 @@ VIEWER_SCRIPT = """
   function showLayer(label, group) {
     nv.volumes.forEach((volume, index) => {
       const layer = lesions[Number(document.body.dataset.viewerLesion)].layers[index];
-      if (layer.group === group) nv.setOpacity(index, layer.label === label ? layer.shown : 0);
+      if (layer.group !== group) return;
+      volume.colorbarVisible = layer.label === label;  // a colour bar for each layer shown, none for hidden ones
+      nv.setOpacity(index, layer.label === label ? layer.shown : 0);
     });
     switches.querySelectorAll(`button[data-group="${group}"]`).forEach(
       button => button.classList.toggle("on", button.dataset.label === label));
@@ -225,6 +229,7 @@ VIEWER_SCRIPT = """
         base64: layer.data, name: layer.name, colormap: layer.colormap, opacity: layer.opacity,
         cal_min: layer.cal_min, cal_max: layer.cal_max, trustCalMinMax: true,
         colormapNegative: layer.colormapNegative || ""});
+      image.colorbarVisible = layer.group !== "outline" && layer.opacity > 0;
       nv.addVolume(image);
     }
     switches.replaceChildren(...lesion.layers.filter(layer => layer.group !== "outline").map(layer => {
