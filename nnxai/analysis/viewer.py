@@ -45,10 +45,14 @@ class ViewerLesion:
 
 
 def viewer_lesions(instances: pd.DataFrame, max_lesions: int) -> pd.DataFrame:
-    """The lesions the viewer offers: groups in the study's order, largest first within a group."""
+    """The lesions the viewer offers, groups taking turns so that each is represented (the largest lesion of every
+    group, then the second largest, ...); shown in the study's group order, largest first within a group."""
     ordered = instances.sort_values("voxels", ascending=False, kind="stable") if "voxels" in instances else instances
-    chosen = [ordered[ordered.group.astype(str) == g] for g in ordered_groups(instances["group"].astype(str))]
-    return (pd.concat(chosen) if chosen else instances).head(max_lesions)
+    groups = ordered["group"].astype(str)
+    rank = {group: position for position, group in enumerate(ordered_groups(groups))}
+    ordered = ordered.assign(_group=groups.map(rank), _turn=ordered.groupby(groups).cumcount())
+    chosen = ordered.sort_values(["_turn", "_group"], kind="stable").head(max_lesions)
+    return chosen.sort_values(["_group", "_turn"], kind="stable").drop(columns=["_group", "_turn"])
 
 
 def crop_box(mask: np.ndarray, spacing: tuple[float, ...], margin_mm: float) -> tuple[slice, ...]:
