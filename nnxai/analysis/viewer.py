@@ -200,8 +200,9 @@ VIEWER_SCRIPT = """
     document.body.dataset.viewer = "fallback";
     return;
   }
+  // nearest-neighbour display: voxels as blocks, so the outline ring stays outside the lesion it surrounds
   const nv = new niivue.Niivue({backColor: [0, 0, 0, 1], crosshairColor: [1, 0, 0, 0.4], crosshairWidth: 0,
-                                 isColorbar: true, show3Dcrosshair: true});
+                                 isColorbar: true, show3Dcrosshair: true, isNearestInterpolation: true});
   window.nnxaiViewer = nv;
   nv.attachToCanvas(document.getElementById("nnxai-viewer-canvas"));
   nv.setSliceType(nv.sliceTypeMultiplanar);
