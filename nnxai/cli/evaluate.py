@@ -5,28 +5,23 @@ from pathlib import Path
 
 import click
 
-from nnxai.cli.options import device_option, instance_options, trust_model_option
+from nnxai.cli.options import device_option, instance_options, option_group, trust_model_option
 from nnxai.lesions.evaluation import CONVENTIONS, CasePairing, convention_options, evaluate_folders, write_evaluation
 
 existing_folder = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
-def evaluation_options(command):
-    """The instance and matching options shared by `evaluate` and `compare` (same meaning as in `explain`)."""
-    options = [
-        click.option("--convention", type=click.Choice(list(CONVENTIONS)), default="study", show_default=True,
-                     help="Lesion matching and F1 as a benchmark publishes them: the study's (18-connectivity, any "
-                          "overlap), Shifts (6, IoU >= 0.25), WMH 2017 (26, any overlap, GT label 2 ignored, "
-                          "harmonic F1) or MSSEG-2016 (6, lesions > 3 mm^3, its detection rule, harmonic F1)."),
-        instance_options(unset="the convention's"),
-        click.option("--file-ending", default=None,
-                     help="File ending of the masks [default: from dataset.json, else .nii.gz]."),
-        click.option("--only-common", is_flag=True,
-                     help="Evaluate the cases present in all folders; report (not fail on) the others."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+evaluation_options = option_group(  # instance and matching options of `evaluate` and `compare`
+    click.option("--convention", type=click.Choice(list(CONVENTIONS)), default="study", show_default=True,
+                 help="Lesion matching and F1 as a benchmark publishes them: the study's (18-connectivity, any "
+                      "overlap), Shifts (6, IoU >= 0.25), WMH 2017 (26, any overlap, GT label 2 ignored, "
+                      "harmonic F1) or MSSEG-2016 (6, lesions > 3 mm^3, its detection rule, harmonic F1)."),
+    instance_options(unset="the convention's"),
+    click.option("--file-ending", default=None,
+                 help="File ending of the masks [default: from dataset.json, else .nii.gz]."),
+    click.option("--only-common", is_flag=True,
+                 help="Evaluate the cases present in all folders; report (not fail on) the others."),
+)
 
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from nnxai.cli import LazyGroup
-from nnxai.cli.options import device_option, instance_options, trust_model_option
+from nnxai.cli.options import device_option, instance_options, option_group, trust_model_option
 from nnxai.experiments.common import experiment_folder
 from nnxai.explain.reopen import ReopenedRun, reopen_run
 from nnxai.explain.resumable import CohortResult
@@ -45,31 +45,26 @@ def number_list(kind: type):
     return parse
 
 
-def run_options(command):
-    """Options shared by the experiments: where the model and data come from, and prediction overrides."""
-    options = [
-        click.option("-m", "--model", "model_dir", type=click.Path(path_type=Path),
-                     help="Model folder [default: from run.json]."),
-        click.option("-i", "--images", "images", type=click.Path(path_type=Path),
-                     help="Input images folder (nnU-Net format) [default: from run.json]."),
-        click.option("--gt", "gt_dir", type=click.Path(path_type=Path),
-                     help="Ground-truth labels folder [default: from run.json]."),
-        click.option("-f", "folds", multiple=True, help="Folds [default: from run.json]."),
-        click.option("-chk", "checkpoint", help="Checkpoint file name [default: from run.json]."),
-        trust_model_option,
-        device_option,
-        click.option("--disable-tta", "--disable_tta", "disable_tta", is_flag=True,
-                     help="No mirroring test-time augmentation [default: as run.json]."),
-        click.option("--threshold", type=click.FloatRange(0, 1),
-                     help="Lesion probability threshold [default: run.json]."),
-        instance_options(unset="run.json"),
-        click.option("--cases", callback=lambda ctx, param, value: value.split(",") if value else None,
-                     help="Only these cases (comma-separated) [default: all cases of the images folder]."),
-        click.option("--overwrite", is_flag=True, help="Start again (default: skip finished cases, so runs resume)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+run_options = option_group(  # where model and data come from, and prediction overrides
+    click.option("-m", "--model", "model_dir", type=click.Path(path_type=Path),
+                 help="Model folder [default: from run.json]."),
+    click.option("-i", "--images", "images", type=click.Path(path_type=Path),
+                 help="Input images folder (nnU-Net format) [default: from run.json]."),
+    click.option("--gt", "gt_dir", type=click.Path(path_type=Path),
+                 help="Ground-truth labels folder [default: from run.json]."),
+    click.option("-f", "folds", multiple=True, help="Folds [default: from run.json]."),
+    click.option("-chk", "checkpoint", help="Checkpoint file name [default: from run.json]."),
+    trust_model_option,
+    device_option,
+    click.option("--disable-tta", "--disable_tta", "disable_tta", is_flag=True,
+                 help="No mirroring test-time augmentation [default: as run.json]."),
+    click.option("--threshold", type=click.FloatRange(0, 1),
+                 help="Lesion probability threshold [default: run.json]."),
+    instance_options(unset="run.json"),
+    click.option("--cases", callback=lambda ctx, param, value: value.split(",") if value else None,
+                 help="Only these cases (comma-separated) [default: all cases of the images folder]."),
+    click.option("--overwrite", is_flag=True, help="Start again (default: skip finished cases, so runs resume)."),
+)
 
 
 def _samples(value: str | None) -> int | str | None:

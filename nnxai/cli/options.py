@@ -14,6 +14,15 @@ trust_model_option = click.option(
          "names (both can run code: only for models from a source you trust).")
 
 
+def option_group(*options: Callable) -> Callable:
+    """One decorator for several options that commands share, applied as if stacked in the order given."""
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
 def resolve_device(name: str | None) -> str:
     """The torch device asked for (None: cuda if available, else cpu), refusing one this machine does not have."""
     if name is None:
@@ -41,7 +50,7 @@ def instance_options(defaults: Mapping[str, object] | None = None, unset: str = 
     def default(name: str) -> dict:
         return {"default": defaults[name], "show_default": True} if name in defaults else {"default": None}
 
-    options = [
+    options = (
         click.option("--min-size", type=click.IntRange(min=1), **default("min_size"),
                      help=f"Drop predicted components with fewer voxels (the study: 6).{suffix}"),
         click.option("--connectivity", type=click.Choice([str(c) for c in CONNECTIVITIES]),
@@ -52,10 +61,5 @@ def instance_options(defaults: Mapping[str, object] | None = None, unset: str = 
                      help=f"Matching: any overlap (the study) or IoU >= --iou-threshold.{suffix}"),
         click.option("--iou-threshold", type=click.FloatRange(0, 1, min_open=True), **default("iou_threshold"),
                      help=f"IoU needed for a match with --rule iou.{suffix}"),
-    ]
-
-    def decorate(command):
-        for option in reversed(options):
-            command = option(command)
-        return command
-    return decorate
+    )
+    return option_group(*options)

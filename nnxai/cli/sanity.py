@@ -5,44 +5,34 @@ from pathlib import Path
 
 import click
 
-from nnxai.cli.options import device_option, trust_model_option
+from nnxai.cli.options import device_option, option_group, trust_model_option
 from nnxai.explain.reopen import ReopenedRun, reopen_run
 from nnxai.sanity.common import InstanceSelection
 
 existing_folder = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
-def run_options(command):
-    """Options every check shares: which explain run, where its images are, device, TTA, checkpoint trust."""
-    options = [
-        click.argument("out", type=existing_folder),
-        click.option("--images", type=existing_folder,
-                     help="Input images of the explain run [default: the folder recorded in OUT/run.json]."),
-        device_option,
-        click.option("--disable-tta", is_flag=True,
-                     help="Predict without mirroring even if the explain run used it (faster, another model)."),
-        trust_model_option,
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+run_options = option_group(  # which explain run, where its images are, device, TTA, checkpoint trust
+    click.argument("out", type=existing_folder),
+    click.option("--images", type=existing_folder,
+                 help="Input images of the explain run [default: the folder recorded in OUT/run.json]."),
+    device_option,
+    click.option("--disable-tta", is_flag=True,
+                 help="Predict without mirroring even if the explain run used it (faster, another model)."),
+    trust_model_option,
+)
 
 
-def selection_options(command):
-    """Options that choose the instances to check and the box around each."""
-    options = [
-        click.option("--cases", multiple=True, help="Cases to check (repeat the option) [default: all]."),
-        click.option("--groups", multiple=True, help="Groups to check: TP, FP, FN, unknown [default: all]."),
-        click.option("--max-instances", type=click.IntRange(min=1), default=5, show_default=True,
-                     help="At most this many instances, taking the groups in turn."),
-        click.option("--method", "methods", multiple=True,
-                     help="Methods to check (repeat) [default: the explain run's methods]."),
-        click.option("--margin-mm", type=click.FloatRange(min=0), default=5.0, show_default=True,
-                     help="Box around each instance: its bounding box grown by this margin."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+selection_options = option_group(  # the instances to check and the box around each
+    click.option("--cases", multiple=True, help="Cases to check (repeat the option) [default: all]."),
+    click.option("--groups", multiple=True, help="Groups to check: TP, FP, FN, unknown [default: all]."),
+    click.option("--max-instances", type=click.IntRange(min=1), default=5, show_default=True,
+                 help="At most this many instances, taking the groups in turn."),
+    click.option("--method", "methods", multiple=True,
+                 help="Methods to check (repeat) [default: the explain run's methods]."),
+    click.option("--margin-mm", type=click.FloatRange(min=0), default=5.0, show_default=True,
+                 help="Box around each instance: its bounding box grown by this margin."),
+)
 
 
 def open_run(out: Path, images: Path | None, trust_checkpoint: bool, disable_tta: bool, **overrides) -> ReopenedRun:

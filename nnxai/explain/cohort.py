@@ -26,7 +26,7 @@ from nnxai.attribution.gradcampp import VARIANTS, LayerError, check_layer, defau
 from nnxai.attribution.smoothgrad import AGGREGATIONS
 from nnxai.errors import InputError
 from nnxai.explain.cases import CaseError, check_channels, find_cases, read_ground_truth, shard
-from nnxai.explain.output import ALL_CHANNELS, CASE_TABLE, RUN_RECORD, map_file_name, peak_column
+from nnxai.explain.output import CASE_TABLE, RUN_RECORD, map_file_name, method_channels, peak_column
 from nnxai.explain.resumable import CohortResult, concat_tables, run_resumable
 from nnxai.explain.settings import ATTRIBUTIONS, METHODS, ComputeOptions, ExplainSettings
 from nnxai.explain.uncertainty import UNCERTAINTY_COLUMNS, fold_probabilities, instance_uncertainty
@@ -95,10 +95,9 @@ def _statistics(values: np.ndarray, columns: dict[str, str]) -> dict[str, float]
 
 def _statistic_columns(method: Attribution | type[Attribution], channel_names: list[str]) -> dict[int, dict[str, str]]:
     """Per map channel, its statistics and their column names in instances.csv."""
-    if method.per_channel:
-        return {channel: {stat: peak_column(method.name, name, stat) for stat in SIGNED_STATISTICS}
-                for channel, name in enumerate(channel_names)}
-    return {0: {stat: peak_column(method.name, ALL_CHANNELS, stat) for stat in POSITIVE_STATISTICS}}
+    statistics = SIGNED_STATISTICS if method.per_channel else POSITIVE_STATISTICS
+    return {index: {stat: peak_column(method.name, channel, stat) for stat in statistics}
+            for index, channel in enumerate(method_channels(method.name, channel_names))}
 
 
 def method_columns(method: type[Attribution], channel_names: list[str]) -> list[str]:
@@ -156,9 +155,9 @@ def explain_case(model: LoadedModel, case: str, files: list[Path], out_dir: Path
                 for instance in instances}
         for method, instance_id, network_map, columns in instance_maps(
                 window, tensor, network_masks, model.channel_names, settings, case, engine, progress):
-            names = [map_file_name(instance_id, name) for name in model.channel_names] if method.per_channel \
-                else [map_file_name(instance_id, None)]
-            for volume, name in zip(to_original_space(model, network_map, properties), names):
+            channels = method_channels(method.name, model.channel_names)
+            for volume, channel in zip(to_original_space(model, network_map, properties), channels):
+                name = map_file_name(instance_id, channel if method.per_channel else None)
                 write_volume(volume, staging / method.name / name, properties)
             rows[instance_id].update(columns)
     except Exception:  # a failed case leaves nothing; a killed run leaves the partial folder for merge to report

@@ -59,10 +59,12 @@ class ExplainOutput:
     @property
     def model_record(self) -> dict:
         """The explained model: folder, folds, checkpoint and the checkpoints' sha256."""
-        model = self._parsed(lambda: self.record["model"])
-        return self._parsed(lambda: {"folder": Path(model["folder"]), "folds": [str(f) for f in model["folds"]],
-                                     "checkpoint": str(model["checkpoint"]),
-                                     "checkpoint_sha256": dict(model.get("checkpoint_sha256") or {})})
+        def read() -> dict:
+            model = self.record["model"]
+            return {"folder": Path(model["folder"]), "folds": [str(f) for f in model["folds"]],
+                    "checkpoint": str(model["checkpoint"]),
+                    "checkpoint_sha256": dict(model.get("checkpoint_sha256") or {})}
+        return self._parsed(read)
 
     @property
     def images_dir(self) -> Path:

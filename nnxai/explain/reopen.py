@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -68,20 +69,25 @@ class ReopenedRun:
         return SlidingWindow([n.to(device) for n in networks], window.patch_size, window.step_size,
                              window.mirror_axes, device=device)
 
-    def case_files(self, only: Sequence[str] | None = None) -> dict[str, list[Path]]:
-        """The cases of the input folder (all, or the ones named in `only`), with their channel files."""
-        ending = self.model.dataset_json["file_ending"]
+    @cached_property
+    def _cases(self) -> dict[str, list[Path]]:
+        """Every case of the input folder with its channel files (the folder is read once)."""
         try:
-            cases = find_cases(self.images_dir, ending, len(self.channel_names))
+            return find_cases(self.images_dir, self.model.dataset_json["file_ending"], len(self.channel_names))
         except CaseError as error:
             raise AnalysisInputError(str(error)) from None
+
+    def case_files(self, only: Sequence[str] | None = None) -> dict[str, list[Path]]:
+        """The cases of the input folder (all, or the ones named in `only`), with their channel files."""
+        cases = self._cases
         unknown = [case for case in only or () if case not in cases]
         if unknown:
             raise AnalysisInputError(f"{self.images_dir}: no case named {', '.join(unknown)}")
         if only:
             cases = {case: cases[case] for case in only}
         if not cases:
-            raise AnalysisInputError(f"{self.images_dir}: no input images (CASE_0000{ending})")
+            raise AnalysisInputError(f"{self.images_dir}: no input images "
+                                     f"(CASE_0000{self.model.dataset_json['file_ending']})")
         return cases
 
     def gt_file(self, case: str) -> Path | None:
@@ -90,7 +96,7 @@ class ReopenedRun:
 
     def case_input(self, case: str) -> CaseInput:
         """Preprocess the case's images as explain did and bring its instance labels onto the network grid."""
-        files = find_cases(self.images_dir, self.model.dataset_json["file_ending"], len(self.channel_names)).get(case)
+        files = self._cases.get(case)
         if files is None or not all(f.is_file() for f in files):
             raise AnalysisInputError(f"{self.images_dir}: images of case {case} are missing (use --images)")
         data, properties = preprocess(self.model, files)

@@ -25,8 +25,6 @@ from nnxai.explain.settings import METHODS, ExplainSettings
 from nnxai.files import write_atomically
 from nnxai.nnunet.sliding_window import Slices, SlidingWindow
 
-SANITY_FOLDER = "sanity"
-
 
 class SanityError(InputError):
     """Bad input to a sanity check; the message names the file or option and the problem in one line."""
